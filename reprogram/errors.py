@@ -1,0 +1,44 @@
+"""One exception tree for the whole project.
+
+Every error is also a built-in type (``ValueError``, ``FileNotFoundError`` ...) so callers
+that do not know this module can still catch it; messages say what was expected, what was
+got, and what to do.
+"""
+
+from __future__ import annotations
+
+
+class ReprogramError(Exception):
+    """Base class of every error raised on purpose by ``reprogram``."""
+
+
+class ConfigError(ReprogramError, ValueError):
+    """An option or argument has an invalid value."""
+
+
+class DataError(ReprogramError, ValueError):
+    """A dataset, image or tensor is malformed."""
+
+
+class ArtifactError(ReprogramError, ValueError):
+    """A prompt artifact is missing, truncated, tampered or made for another model."""
+
+
+class ModelError(ReprogramError, ValueError):
+    """A source model cannot be loaded or does not match its metadata."""
+
+
+class ProtocolError(ReprogramError, ValueError):
+    """A request or response does not follow the inference protocol."""
+
+
+class OracleError(ReprogramError, RuntimeError):
+    """The model oracle failed (network, server error, refused request)."""
+
+
+class BudgetExhausted(ReprogramError, RuntimeError):
+    """The query budget (images or requests) is spent; the fit stops cleanly."""
+
+
+class EstimatorError(ReprogramError, TypeError):
+    """An estimator was combined with an oracle it cannot use."""

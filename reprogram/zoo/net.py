@@ -1,0 +1,54 @@
+"""The embedded default source classifier: a small CNN over 32x32 RGB images."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class Normalize(nn.Module):
+    """Per-channel ``(x - mean) / std`` for inputs in [0, 1]."""
+
+    mean: torch.Tensor
+    std: torch.Tensor
+
+    def __init__(self, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+
+def _block(cin: int, cout: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, 3, padding=1, bias=False),
+        nn.BatchNorm2d(cout),
+        nn.ReLU(inplace=True),
+    )
+
+
+class ShapesNet(nn.Module):
+    """Conv-BN-ReLU stacks with max pooling and a global-average-pooled linear head.
+
+    Takes normalized images ``[N, 3, 32, 32]`` and returns logits ``[N, num_classes]``.
+    """
+
+    def __init__(self, num_classes: int = 10, width: int = 32) -> None:
+        super().__init__()
+        w = width
+        self.features = nn.Sequential(
+            _block(3, w),
+            nn.MaxPool2d(2),
+            _block(w, 2 * w),
+            nn.MaxPool2d(2),
+            _block(2 * w, 4 * w),
+            nn.MaxPool2d(2),
+            _block(4 * w, 4 * w),
+        )
+        self.head = nn.Linear(4 * w, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.features(x)
+        return self.head(h.mean(dim=(2, 3)))

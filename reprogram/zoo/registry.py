@@ -1,0 +1,204 @@
+"""Source-model registry: the shipped default model and torchvision architectures.
+
+Every model is returned as a :class:`SourceModel`: a frozen ``nn.Module`` that takes images in
+[0, 1] (``[N, 3, H, W]``, normalization inside) and returns logits, together with the
+metadata that travels with it (input size, mean/std, class names, weights fingerprint).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from torch import nn
+
+from reprogram.errors import ModelError
+from reprogram.zoo.net import Normalize, ShapesNet
+
+DEFAULT_WEIGHTS = "default.safetensors"
+DEFAULT_META = "default.json"
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelMeta:
+    """What a client needs to know about a source model."""
+
+    name: str
+    architecture: str
+    input_size: tuple[int, int]
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    class_names: tuple[str, ...]
+    weights_sha256: str
+    extra: dict[str, object] = field(default_factory=dict)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def fingerprint(self) -> dict[str, object]:
+        """The identity of the model, as recorded in prompt artifacts."""
+        return {
+            "name": self.name,
+            "architecture": self.architecture,
+            "input_size": list(self.input_size),
+            "num_classes": self.num_classes,
+            "weights_sha256": self.weights_sha256,
+        }
+
+
+@dataclass(frozen=True)
+class SourceModel:
+    """A frozen classifier (inputs in [0, 1], logits out) with its metadata."""
+
+    module: nn.Module
+    meta: ModelMeta
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def freeze(module: nn.Module) -> nn.Module:
+    module.eval()
+    for p in module.parameters():
+        p.requires_grad_(False)
+    return module
+
+
+def _wrap(net: nn.Module, mean: tuple[float, ...], std: tuple[float, ...]) -> nn.Module:
+    return freeze(nn.Sequential(Normalize(mean, std), net))
+
+
+def _load_state(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise ModelError(f"expected a weights file, got {str(path)!r}: no such file")
+    try:
+        if path.suffix == ".safetensors":
+            return load_file(str(path))
+        state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except (SafetensorError, OSError, RuntimeError, ValueError) as exc:
+        raise ModelError(f"cannot read weights {str(path)!r}: {exc}") from exc
+    if not isinstance(state, dict):
+        raise ModelError(f"expected a state dict in {str(path)!r}, got {type(state).__name__}")
+    return state
+
+
+def default_paths() -> tuple[Path, Path]:
+    """Paths of the shipped default weights and metadata inside the package."""
+    root = resources.files("reprogram.zoo")
+    return Path(str(root / DEFAULT_WEIGHTS)), Path(str(root / DEFAULT_META))
+
+
+def load_default(weights: Path | None = None, meta_path: Path | None = None) -> SourceModel:
+    """Load the shipped shapes classifier, checking its sha256 against the metadata."""
+    dw, dm = default_paths()
+    weights = weights or dw
+    meta_path = meta_path or dm
+    try:
+        record = json.loads(meta_path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ModelError(f"cannot read model metadata {str(meta_path)!r}: {exc}") from exc
+    digest = sha256_file(weights) if weights.is_file() else ""
+    if digest != record["weights_sha256"]:
+        raise ModelError(
+            f"expected weights with sha256 {record['weights_sha256']}, got {digest or 'no file'}"
+            f" at {str(weights)!r}; reinstall the package or run `python -m reprogram.zoo.train`"
+        )
+    net = ShapesNet(num_classes=len(record["class_names"]), width=int(record["width"]))
+    net.load_state_dict(_load_state(weights))
+    meta = ModelMeta(
+        name="default",
+        architecture=f"ShapesNet(width={record['width']})",
+        input_size=(int(record["input_size"][0]), int(record["input_size"][1])),
+        mean=tuple(record["mean"]),  # type: ignore[arg-type]
+        std=tuple(record["std"]),  # type: ignore[arg-type]
+        class_names=tuple(record["class_names"]),
+        weights_sha256=digest,
+        extra={"heldout_accuracy": record.get("heldout_accuracy")},
+    )
+    return SourceModel(_wrap(net, meta.mean, meta.std), meta)
+
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def load_torchvision(
+    arch: str,
+    weights: str | None,
+    class_names: tuple[str, ...] | None = None,
+    input_size: int = 224,
+) -> SourceModel:
+    """A torchvision architecture with a state-dict file, or a weights enum name.
+
+    ``weights`` is a path to a ``.safetensors``/``.pt`` state dict, or the name of a
+    torchvision weights enum member (e.g. ``IMAGENET1K_V1``), which torchvision downloads
+    where a network exists. Nothing in the default path or the tests uses the latter.
+    """
+    import torchvision.models as tvm
+
+    if arch not in tvm.list_models(module=tvm):
+        raise ModelError(f"expected a torchvision classification model name, got {arch!r}")
+    if weights is None:
+        raise ModelError(f"torchvision:{arch} needs --weights FILE (a state dict) or an enum name")
+    path = Path(weights)
+    if path.suffix in (".safetensors", ".pt", ".pth", ".bin") or path.exists():
+        state = _load_state(path)
+        head = [v for k, v in state.items() if k.endswith("weight") and v.ndim == 2]
+        num_classes = int(head[-1].shape[0]) if head else 1000
+        names = class_names or tuple(f"class_{i}" for i in range(num_classes))
+        if len(names) != num_classes:
+            raise ModelError(f"expected {num_classes} class names, got {len(names)}")
+        net = tvm.get_model(arch, weights=None, num_classes=num_classes)
+        try:
+            net.load_state_dict(state)
+        except RuntimeError as exc:
+            raise ModelError(f"weights {weights!r} do not fit torchvision {arch}: {exc}") from exc
+        digest = sha256_file(path)
+        mean, std, size = IMAGENET_MEAN, IMAGENET_STD, input_size
+    else:  # a weights enum: needs a network the first time
+        enum = tvm.get_model_weights(arch)
+        try:
+            member = enum[weights]
+        except KeyError as exc:
+            raise ModelError(f"expected one of {[w.name for w in enum]}, got {weights!r}") from exc
+        net = tvm.get_model(arch, weights=member)
+        names = tuple(member.meta["categories"])
+        digest = f"torchvision:{arch}:{weights}"
+        tf = member.transforms()
+        mean, std = tuple(tf.mean), tuple(tf.std)
+        size = int(tf.crop_size[0])
+    meta = ModelMeta(
+        name=f"torchvision-{arch}",
+        architecture=f"torchvision:{arch}",
+        input_size=(size, size),
+        mean=mean,  # type: ignore[arg-type]
+        std=std,  # type: ignore[arg-type]
+        class_names=names,
+        weights_sha256=digest,
+    )
+    return SourceModel(_wrap(net, mean, std), meta)
+
+
+def load_model(
+    name: str = "default",
+    weights: str | None = None,
+    class_names: tuple[str, ...] | None = None,
+) -> SourceModel:
+    """Resolve a model name: ``default`` or ``torchvision:ARCH`` (with ``weights``)."""
+    if name == "default":
+        return load_default(Path(weights) if weights else None)
+    if name.startswith("torchvision:"):
+        return load_torchvision(name.split(":", 1)[1], weights, class_names)
+    raise ModelError(f"expected 'default' or 'torchvision:ARCH', got model name {name!r}")
