@@ -121,8 +121,8 @@ def load_default(weights: Path | None = None, meta_path: Path | None = None) -> 
         name="default",
         architecture=f"ShapesNet(width={record['width']})",
         input_size=(int(record["input_size"][0]), int(record["input_size"][1])),
-        mean=tuple(record["mean"]),  # type: ignore[arg-type]
-        std=tuple(record["std"]),  # type: ignore[arg-type]
+        mean=tuple(record["mean"]),
+        std=tuple(record["std"]),
         class_names=tuple(record["class_names"]),
         weights_sha256=digest,
         extra={"heldout_accuracy": record.get("heldout_accuracy")},
@@ -183,8 +183,8 @@ def load_torchvision(
         name=f"torchvision-{arch}",
         architecture=f"torchvision:{arch}",
         input_size=(size, size),
-        mean=mean,  # type: ignore[arg-type]
-        std=std,  # type: ignore[arg-type]
+        mean=mean,
+        std=std,
         class_names=names,
         weights_sha256=digest,
     )

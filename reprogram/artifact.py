@@ -1,0 +1,229 @@
+"""Prompt artifacts: one ``.safetensors`` file with the program and label-map tensors and JSON
+metadata in its header.
+
+Loading never unpickles: the header is parsed as JSON and the tensors by ``safetensors``. A
+digest over the canonical metadata and every tensor's bytes is stored in the header and
+checked on load, so a truncated, edited or tampered file is rejected with a clear message;
+the program and label map are rebuilt from their specs and must accept the tensors exactly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from reprogram.errors import ArtifactError, ConfigError, DataError
+from reprogram.labelmaps import LabelMapSpec, build_labelmap
+from reprogram.pipeline import Reprogrammer
+from reprogram.programs import ProgramSpec, build_program
+
+SCHEMA_VERSION = 1
+FORMAT_NAME = "reprogram.prompt"
+MAX_ARTIFACT_BYTES = 64 * 1024 * 1024
+_META_KEY = "reprogram"
+_REQUIRED = ("format", "schema_version", "program", "labelmap", "target_classes", "source",
+             "digest")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Prompt:
+    """A learned prompt: program + label map, what it was made for and how well it does."""
+
+    program: ProgramSpec
+    labelmap: LabelMapSpec
+    tensors: dict[str, torch.Tensor]
+    target_classes: tuple[str, ...]
+    source: dict[str, Any]
+    wire_dtype: str = "uint8"
+    output_kind: str = "probs"
+    floor: float = 1e-6
+    config: dict[str, Any] = field(default_factory=dict)
+    seed: int = 0
+    queries: dict[str, int] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_reprogrammer(cls, model: Reprogrammer, **kwargs: Any) -> Prompt:
+        tensors = {f"program.{k}": v.detach().clone().contiguous()
+                   for k, v in model.program.state_dict().items()}
+        tensors.update({f"labelmap.{k}": v.detach().clone().contiguous()
+                        for k, v in model.labelmap.state_dict().items()})
+        return cls(program=model.program.spec, labelmap=model.labelmap.spec, tensors=tensors,
+                   floor=model.floor, **kwargs)
+
+    def build(self) -> Reprogrammer:
+        """Rebuild the program and label map with the stored tensors (strictly)."""
+        program = build_program(self.program)
+        labelmap = build_labelmap(self.labelmap)
+        parts: dict[str, dict[str, torch.Tensor]] = {"program": {}, "labelmap": {}}
+        for key, value in self.tensors.items():
+            head, _, name = key.partition(".")
+            if head not in parts or not name:
+                raise ArtifactError(f"expected tensors named program.* or labelmap.*, got {key!r}")
+            parts[head][name] = value
+        try:
+            program.load_state_dict(parts["program"], strict=True)
+            labelmap.load_state_dict(parts["labelmap"], strict=True)
+        except (RuntimeError, DataError) as exc:
+            raise ArtifactError(f"prompt tensors do not fit its program/label map: {exc}") from exc
+        return Reprogrammer(program, labelmap, floor=self.floor)
+
+    def metadata(self) -> dict[str, Any]:
+        """The JSON header record (without the digest)."""
+        return {
+            "format": FORMAT_NAME,
+            "schema_version": SCHEMA_VERSION,
+            "program": self.program.to_dict(),
+            "input_transform": {"inner_size": self.program.inner_size, "resize": "bilinear"},
+            "labelmap": self.labelmap.to_dict(),
+            "target_classes": list(self.target_classes),
+            "source": self.source,
+            "wire_dtype": self.wire_dtype,
+            "output_kind": self.output_kind,
+            "floor": self.floor,
+            "config": self.config,
+            "seed": self.seed,
+            "queries": self.queries,
+            "metrics": self.metrics,
+        }
+
+
+def _digest(meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256(json.dumps(meta, sort_keys=True, separators=(",", ":")).encode())
+    for name in sorted(tensors):
+        t = tensors[name].contiguous()
+        h.update(f"{name}|{t.dtype}|{list(t.shape)}|".encode())
+        h.update(t.numpy().tobytes())
+    return h.hexdigest()
+
+
+def dump_prompt(prompt: Prompt) -> bytes:
+    """Serialize to the bytes of a ``.safetensors`` file."""
+    meta = prompt.metadata()
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in prompt.tensors.items()}
+    meta["digest"] = _digest(meta, tensors)
+    return st_save(tensors, metadata={_META_KEY: json.dumps(meta, sort_keys=True)})
+
+
+def save_prompt(prompt: Prompt, path: str | Path) -> Path:
+    """Write atomically (temporary file + rename): an existing file is never half-replaced."""
+    path = Path(path)
+    data = dump_prompt(prompt)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _header(data: bytes) -> dict[str, Any]:
+    if len(data) < 8:
+        raise ArtifactError(f"expected a safetensors prompt file, got {len(data)} bytes")
+    (n,) = struct.unpack("<Q", data[:8])
+    if n > len(data) - 8 or n > 16 * 1024 * 1024:
+        raise ArtifactError("expected a safetensors prompt file, got a truncated or foreign "
+                            f"file (header of {n} bytes in a {len(data)}-byte file)")
+    try:
+        header = json.loads(data[8 : 8 + n])
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ArtifactError(f"expected a JSON safetensors header, got unreadable bytes: {exc}"
+                            ) from exc
+    if not isinstance(header, dict):
+        raise ArtifactError("expected a JSON object as the safetensors header")
+    return header
+
+
+def loads_prompt(data: bytes) -> Prompt:
+    """Parse and validate prompt bytes; raises :class:`ArtifactError` on any problem."""
+    if len(data) > MAX_ARTIFACT_BYTES:
+        raise ArtifactError(f"expected a prompt file of at most {MAX_ARTIFACT_BYTES} bytes, "
+                            f"got {len(data)}")
+    header = _header(data)
+    raw = (header.get("__metadata__") or {}).get(_META_KEY)
+    if not isinstance(raw, str):
+        raise ArtifactError("expected a reprogram prompt (no 'reprogram' metadata in the "
+                            "safetensors header); was it written by `reprogram fit`?")
+    try:
+        meta = json.loads(raw)
+        tensors = st_load(data)
+    except (json.JSONDecodeError, SafetensorError) as exc:
+        raise ArtifactError(f"prompt file is corrupt or truncated: {exc}") from exc
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
+        raise ArtifactError(f"expected format {FORMAT_NAME!r}, got "
+                            f"{meta.get('format') if isinstance(meta, dict) else meta!r}")
+    if meta.get("schema_version") != SCHEMA_VERSION:
+        raise ArtifactError(f"expected prompt schema version {SCHEMA_VERSION}, got "
+                            f"{meta.get('schema_version')!r}; re-export it with this version")
+    missing = [k for k in _REQUIRED if k not in meta]
+    if missing:
+        raise ArtifactError(f"prompt metadata lacks {missing}")
+    digest = meta.pop("digest")
+    if _digest(meta, tensors) != digest:
+        raise ArtifactError("prompt digest mismatch: the file was edited or corrupted after "
+                            "it was written")
+    try:
+        prompt = Prompt(
+            program=ProgramSpec.from_dict(meta["program"]),
+            labelmap=LabelMapSpec.from_dict(meta["labelmap"]),
+            tensors=tensors,
+            target_classes=tuple(str(c) for c in meta["target_classes"]),
+            source=dict(meta["source"]),
+            wire_dtype=str(meta.get("wire_dtype", "uint8")),
+            output_kind=str(meta.get("output_kind", "probs")),
+            floor=float(meta.get("floor", 1e-6)),
+            config=dict(meta.get("config", {})),
+            seed=int(meta.get("seed", 0)),
+            queries=dict(meta.get("queries", {})),
+            metrics=dict(meta.get("metrics", {})),
+        )
+    except (ConfigError, TypeError, ValueError) as exc:
+        raise ArtifactError(f"prompt metadata is invalid: {exc}") from exc
+    if len(prompt.target_classes) != prompt.labelmap.num_target:
+        raise ArtifactError(f"expected {prompt.labelmap.num_target} target class names, got "
+                            f"{len(prompt.target_classes)}")
+    prompt.build()  # tensors must fit the specs exactly
+    return prompt
+
+
+def load_prompt(path: str | Path) -> Prompt:
+    """Load and validate a prompt file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ArtifactError(f"expected a prompt file, got {str(path)!r}: no such file")
+    if path.stat().st_size > MAX_ARTIFACT_BYTES:
+        raise ArtifactError(f"expected a prompt file of at most {MAX_ARTIFACT_BYTES} bytes, "
+                            f"got {path.stat().st_size}")
+    return loads_prompt(path.read_bytes())
+
+
+def check_compatible(prompt: Prompt, input_size: tuple[int, int], num_classes: int,
+                     fingerprint: dict[str, Any] | None = None) -> None:
+    """Raise :class:`ArtifactError` unless the prompt was made for a model of this shape."""
+    if tuple(prompt.program.frame_size) != tuple(input_size):
+        raise ArtifactError(f"prompt was made for {list(prompt.program.frame_size)} inputs, "
+                            f"this model takes {list(input_size)}")
+    if prompt.labelmap.num_source != num_classes:
+        raise ArtifactError(f"prompt was made for {prompt.labelmap.num_source} source classes, "
+                            f"this model has {num_classes}")
+    want = prompt.source.get("weights_sha256")
+    have = (fingerprint or {}).get("weights_sha256")
+    if want and have and want != have:
+        raise ArtifactError(f"prompt was made for model weights {want}, this model has {have}")

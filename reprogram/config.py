@@ -1,0 +1,124 @@
+"""The frozen fit configuration and the factories that turn it into pipeline pieces."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Literal, get_args
+
+import torch
+
+from reprogram.errors import ConfigError
+from reprogram.estimators import (
+    EstimatorKind,
+    GradientEstimator,
+    build_estimator,
+    spsa_gc_optimizer,
+)
+from reprogram.labelmaps import LabelMapKind, LabelMapSpec
+from reprogram.programs import ProgramSpec
+
+ProgramKind = Literal["pad", "patch", "full"]
+OptimizerKind = Literal["adam", "sgd", "spsa-gc"]
+ScheduleKind = Literal["constant", "cosine"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class FitConfig:
+    """Everything that defines a fit; validated once at construction.
+
+    The fit stops at ``epochs`` or when the image ``budget`` (training, label-map fitting and
+    validation queries together) cannot pay for another step, whichever comes first.
+    """
+
+    program: ProgramKind = "pad"
+    inner_size: int | None = None
+    resolution: int | None = None
+    mask: Literal["none", "border"] = "none"
+    labelmap: LabelMapKind = "frequency"
+    sources_per_target: int = 1
+    estimator: EstimatorKind = "autograd"
+    q: int = 10
+    mu: float = 0.5
+    antithetic: bool = False
+    spsa_c: float = 0.01
+    spsa_gamma: float = 0.1
+    spsa_draws: int = 1
+    optimizer: OptimizerKind = "adam"
+    lr: float = 0.05
+    labelmap_lr: float | None = None
+    schedule: ScheduleKind = "cosine"
+    batch_size: int = 32
+    epochs: int | None = None
+    budget: int | None = None
+    eval_every: int = 50
+    seed: int = 0
+    val_fraction: float = 0.15
+    test_fraction: float = 0.25
+    checkpoint: str | None = None
+    checkpoint_every: int = 100
+    floor: float = 1e-6
+
+    def __post_init__(self) -> None:
+        for name, allowed in (("program", ProgramKind), ("labelmap", LabelMapKind),
+                              ("estimator", EstimatorKind), ("optimizer", OptimizerKind),
+                              ("schedule", ScheduleKind)):
+            if getattr(self, name) not in get_args(allowed):
+                raise ConfigError(f"expected {name} in {get_args(allowed)}, "
+                                  f"got {getattr(self, name)!r}")
+        for name in ("batch_size", "eval_every", "checkpoint_every", "q", "spsa_draws"):
+            if int(getattr(self, name)) < 1:
+                raise ConfigError(f"expected {name} >= 1, got {getattr(self, name)}")
+        for name in ("lr", "mu", "spsa_c"):
+            if not float(getattr(self, name)) > 0:
+                raise ConfigError(f"expected {name} > 0, got {getattr(self, name)}")
+        if self.epochs is None and self.budget is None:
+            raise ConfigError("expected epochs or budget (or both), got neither")
+        if self.epochs is not None and self.epochs < 1:
+            raise ConfigError(f"expected epochs >= 1, got {self.epochs}")
+        if self.budget is not None and self.budget < 1:
+            raise ConfigError(f"expected a positive budget, got {self.budget}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> FitConfig:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+    def program_spec(self, frame_size: tuple[int, int]) -> ProgramSpec:
+        inner = self.inner_size or max(1, min(frame_size) // 2)
+        return ProgramSpec(kind=self.program, frame_size=frame_size, inner_size=inner,
+                           resolution=self.resolution, mask=self.mask)
+
+    def labelmap_spec(self, num_source: int, num_target: int) -> LabelMapSpec:
+        return LabelMapSpec(kind=self.labelmap, num_source=num_source, num_target=num_target,
+                            sources_per_target=self.sources_per_target, seed=self.seed)
+
+    def build_estimator(self) -> GradientEstimator:
+        options: dict[str, Any] = {}
+        if self.estimator == "rgf":
+            options = {"q": self.q, "mu": self.mu, "antithetic": self.antithetic}
+        elif self.estimator == "spsa":
+            options = {"c": self.spsa_c, "gamma": self.spsa_gamma, "n_draws": self.spsa_draws}
+        return build_estimator(self.estimator, seed=self.seed, **options)
+
+    def build_optimizer(
+        self, theta: torch.Tensor, head: list[torch.nn.Parameter], total_steps: int
+    ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+        groups: list[dict[str, Any]] = [{"params": [theta], "lr": self.lr}]
+        if head:
+            groups.append({"params": head, "lr": self.labelmap_lr or self.lr})
+        if self.optimizer == "spsa-gc":
+            return spsa_gc_optimizer(groups, a=self.lr)
+        opt: torch.optim.Optimizer
+        if self.optimizer == "adam":
+            opt = torch.optim.Adam(groups)
+        else:
+            opt = torch.optim.SGD(groups, momentum=0.9)
+        if self.schedule == "cosine":
+            sched: torch.optim.lr_scheduler.LRScheduler = (
+                torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(total_steps, 1)))
+        else:
+            sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
+        return opt, sched

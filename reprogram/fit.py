@@ -1,0 +1,296 @@
+"""One fit loop for every estimator: white-box autograd and black-box zeroth-order alike.
+
+data -> program -> oracle -> label map -> loss -> estimator -> torch optimizer. The train /
+validation / test split is seeded; the best program is chosen on validation and the test
+split is evaluated once, at the end. Checkpoints hold the complete state (parameters,
+optimizer, schedule, estimator RNG, data order, query counts), so a resumed fit ends with the
+same parameters as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from reprogram.artifact import Prompt
+from reprogram.config import FitConfig
+from reprogram.data import TargetDataset
+from reprogram.errors import BudgetExhausted, ConfigError
+from reprogram.labelmaps import build_labelmap
+from reprogram.oracles import Oracle
+from reprogram.pipeline import Reprogrammer
+from reprogram.programs import build_program
+
+log = logging.getLogger(__name__)
+
+Callback = Callable[[dict[str, Any]], None]
+
+
+@dataclass
+class FitResult:
+    """What a fit produced: the best (validation-selected) prompt and how it got there."""
+
+    model: Reprogrammer
+    prompt: Prompt
+    history: list[dict[str, Any]]
+    best_val_accuracy: float
+    best_step: int
+    test_accuracy: float | None
+    steps: int
+    queries: dict[str, int]
+    stop_reason: str
+    seconds: float
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class _State:
+    step: int = 0
+    epoch: int = 0
+    batch_idx: int = 0
+    data_gen: torch.Generator = field(default_factory=torch.Generator)
+    epoch_gen_state: torch.Tensor | None = None
+    history: list[dict[str, Any]] = field(default_factory=list)
+    best_val: float = -1.0
+    best_step: int = 0
+    best_tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    last_eval_step: int = -1
+
+
+def _snapshot(model: Reprogrammer) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _planned_steps(cfg: FitConfig, per_step: int, n_train: int, n_val: int,
+                   labelmap_cost: int) -> int:
+    """Steps the fit will take: from epochs, from the budget, or the smaller of both."""
+    per_epoch = math.ceil(n_train / cfg.batch_size)
+    steps = cfg.epochs * per_epoch if cfg.epochs else None
+    if cfg.budget is not None:
+        eval_cost = n_val / cfg.eval_every
+        by_budget = int((cfg.budget - n_val - labelmap_cost) / (per_step + eval_cost))
+        steps = by_budget if steps is None else min(steps, by_budget)
+    return max(int(steps or 0), 1)
+
+
+class Fitter:
+    """Runs :func:`fit`; holds the pieces so checkpoints can capture and restore them."""
+
+    def __init__(self, cfg: FitConfig, oracle: Oracle, data: TargetDataset) -> None:
+        self.cfg = cfg
+        self.oracle = oracle
+        self.train, self.val, self.test = data.split(cfg.val_fraction, cfg.test_fraction,
+                                                     cfg.seed)
+        self.class_names = data.class_names
+        info = oracle.info
+        program = build_program(cfg.program_spec(info.input_size), seed=cfg.seed)
+        labelmap = build_labelmap(cfg.labelmap_spec(info.num_classes, data.num_classes))
+        self.model = Reprogrammer(program, labelmap, floor=cfg.floor)
+        self.estimator = cfg.build_estimator()
+        self.estimator.check(oracle.differentiable)
+        if oracle.budget is None and cfg.budget is not None:
+            oracle.budget = cfg.budget
+        self.x_train = self.model.transform(self.train.images)
+        per_step = self.estimator.queries_per_step * min(cfg.batch_size, len(self.train))
+        lm_cost = len(self.train) if labelmap.needs_fit else 0
+        lm_epochs = (cfg.epochs or 10**9) if labelmap.refit_every_epoch else 1
+        self.total_steps = _planned_steps(cfg, per_step, len(self.train), len(self.val),
+                                          lm_cost * min(lm_epochs, 1))
+        self.per_step = per_step
+        head = list(labelmap.parameters())
+        self.optimizer, self.scheduler = cfg.build_optimizer(program.theta, head,
+                                                             self.total_steps)
+        self.state = _State()
+        self.state.data_gen.manual_seed(cfg.seed + 1)
+
+    # ----------------------------------------------------------------- checkpoints
+    def checkpoint_payload(self) -> dict[str, Any]:
+        s = self.state
+        return {
+            "config": self.cfg.to_dict(),
+            "model": _snapshot(self.model),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "estimator": self.estimator.state_dict(),
+            "oracle": self.oracle.counts(),
+            "step": s.step, "epoch": s.epoch, "batch_idx": s.batch_idx,
+            "epoch_gen_state": s.epoch_gen_state, "history": s.history,
+            "best_val": s.best_val, "best_step": s.best_step, "best": s.best_tensors,
+            "last_eval_step": s.last_eval_step,
+        }
+
+    def restore(self, path: Path) -> None:
+        try:
+            ck = torch.load(str(path), map_location="cpu", weights_only=True)
+        except (OSError, RuntimeError, EOFError) as exc:
+            raise ConfigError(f"cannot read checkpoint {str(path)!r}: {exc}") from exc
+        mine = {k: v for k, v in self.cfg.to_dict().items() if k != "checkpoint"}
+        theirs = {k: v for k, v in ck["config"].items() if k != "checkpoint"}
+        if mine != theirs:
+            diff = sorted(k for k in mine if mine.get(k) != theirs.get(k))
+            raise ConfigError(f"checkpoint {str(path)!r} was made with other settings "
+                              f"({', '.join(diff)}); use the same options to resume")
+        self.model.load_state_dict(ck["model"])
+        self.optimizer.load_state_dict(ck["optimizer"])
+        self.scheduler.load_state_dict(ck["scheduler"])
+        self.estimator.load_state_dict(ck["estimator"])
+        self.oracle.load_counts(ck["oracle"])
+        s = self.state
+        s.step, s.epoch, s.batch_idx = ck["step"], ck["epoch"], ck["batch_idx"]
+        s.epoch_gen_state = ck["epoch_gen_state"]
+        s.history, s.best_val, s.best_step = ck["history"], ck["best_val"], ck["best_step"]
+        s.best_tensors, s.last_eval_step = ck["best"], ck["last_eval_step"]
+        if s.epoch_gen_state is not None:
+            s.data_gen.set_state(s.epoch_gen_state)
+        log.info("resumed from %s at step %d (%d images used)", path, s.step,
+                 self.oracle.images_used)
+
+    # ----------------------------------------------------------------- the loop
+    def _evaluate(self, loss: float | None) -> dict[str, Any]:
+        s = self.state
+        acc = self.model.accuracy(self.val.images, self.val.labels, self.oracle)
+        if acc > s.best_val:
+            s.best_val, s.best_step, s.best_tensors = acc, s.step, _snapshot(self.model)
+        s.last_eval_step = s.step
+        row = {"step": s.step, "epoch": s.epoch, "queries": self.oracle.images_used,
+               "requests": self.oracle.requests_used, "loss": loss, "val_accuracy": acc}
+        s.history.append(row)
+        return row
+
+    def _start_epoch(self) -> torch.Tensor:
+        s = self.state
+        s.epoch_gen_state = s.data_gen.get_state()
+        perm = torch.randperm(len(self.train), generator=s.data_gen)
+        lm = self.model.labelmap
+        if s.batch_idx == 0 and lm.needs_fit and (s.epoch == 0 or lm.refit_every_epoch):
+            self.model.fit_labelmap(self.train.images, self.train.labels, self.oracle)
+        return perm
+
+    def run(self, callback: Callback | None = None) -> str:
+        cfg, s = self.cfg, self.state
+        n = len(self.train)
+        per_epoch = math.ceil(n / cfg.batch_size)
+        reserve = len(self.val)
+        if s.last_eval_step < 0:
+            self._evaluate(None)
+        perm = None
+        while True:
+            if cfg.epochs is not None and s.epoch >= cfg.epochs:
+                return "epochs"
+            if s.step >= self.total_steps and cfg.budget is not None and cfg.epochs is None:
+                return "budget"
+            if perm is None:
+                if s.epoch_gen_state is not None and s.batch_idx > 0:
+                    s.data_gen.set_state(s.epoch_gen_state)
+                perm = self._start_epoch()
+            idx = perm[s.batch_idx * cfg.batch_size : (s.batch_idx + 1) * cfg.batch_size]
+            cost = self.estimator.queries_per_step * len(idx)
+            if not self.oracle.can_afford(cost + reserve):
+                return "budget"
+            objective = self.model.objective(self.x_train[idx], self.train.labels[idx],
+                                              self.oracle)
+            loss, grad = self.estimator.value_and_grad(objective, self.model.program.theta)
+            self.optimizer.zero_grad(set_to_none=True)
+            if loss.requires_grad:
+                loss.backward()
+            self.model.program.theta.grad = grad
+            self.optimizer.step()
+            self.scheduler.step()
+            s.step += 1
+            s.batch_idx += 1
+            row: dict[str, Any] = {"step": s.step, "loss": float(loss),
+                                   "queries": self.oracle.images_used}
+            if s.step % cfg.eval_every == 0:
+                row = self._evaluate(float(loss))
+            if s.batch_idx >= per_epoch:
+                s.epoch += 1
+                s.batch_idx = 0
+                s.epoch_gen_state = s.data_gen.get_state()
+                perm = None
+            if cfg.checkpoint and s.step % cfg.checkpoint_every == 0:
+                _save_checkpoint(Path(cfg.checkpoint), self.checkpoint_payload())
+            if callback is not None:
+                callback({**row, "best_val_accuracy": s.best_val,
+                          "total_steps": self.total_steps, "budget": self.oracle.budget})
+
+
+def fit(
+    cfg: FitConfig,
+    oracle: Oracle,
+    data: TargetDataset,
+    *,
+    resume: bool = False,
+    callback: Callback | None = None,
+    source_fingerprint: dict[str, Any] | None = None,
+) -> FitResult:
+    """Learn a program and label map for ``data`` on ``oracle`` (see the module docstring)."""
+    t0 = time.perf_counter()
+    fitter = Fitter(cfg, oracle, data)
+    if resume:
+        if not cfg.checkpoint:
+            raise ConfigError("expected a checkpoint path to resume from, got none")
+        if Path(cfg.checkpoint).is_file():
+            fitter.restore(Path(cfg.checkpoint))
+        else:
+            log.warning("no checkpoint at %s; starting a new fit", cfg.checkpoint)
+    try:
+        reason = fitter.run(callback)
+    except BudgetExhausted as exc:
+        log.info("stopped: %s", exc)
+        reason = "budget"
+    s = fitter.state
+    if s.last_eval_step != s.step and oracle.can_afford(len(fitter.val)):
+        fitter._evaluate(None)
+    if cfg.checkpoint:
+        _save_checkpoint(Path(cfg.checkpoint), fitter.checkpoint_payload())
+    model = fitter.model
+    if s.best_tensors:
+        model.load_state_dict(s.best_tensors)
+    train_queries = oracle.images_used
+    budget, oracle.budget = oracle.budget, None
+    try:
+        test_acc = model.accuracy(fitter.test.images, fitter.test.labels, oracle) if len(
+            fitter.test) else None
+    finally:
+        oracle.budget = budget
+    queries = {"images": train_queries, "requests": oracle.requests_used,
+               "test_images": oracle.images_used - train_queries}
+    info = oracle.info
+    prompt = Prompt.from_reprogrammer(
+        model,
+        target_classes=data.class_names,
+        source=source_fingerprint or {**info.fingerprint, "name": info.name},
+        wire_dtype=info.wire_dtype,
+        output_kind=info.output_kind,
+        config=cfg.to_dict(),
+        seed=cfg.seed,
+        queries=queries,
+        metrics={"val_accuracy": s.best_val, "test_accuracy": test_acc,
+                 "best_step": s.best_step, "steps": s.step, "dataset": data.name,
+                 "splits": {"train": len(fitter.train), "val": len(fitter.val),
+                            "test": len(fitter.test)}},
+    )
+    return FitResult(model=model, prompt=prompt, history=s.history, best_val_accuracy=s.best_val,
+                     best_step=s.best_step, test_accuracy=test_acc, steps=s.step,
+                     queries=queries, stop_reason=reason, seconds=time.perf_counter() - t0)

@@ -1,0 +1,202 @@
+"""Oracles: the only path from the optimizer to a model.
+
+Every image passed to :meth:`Oracle.query` counts as one query; the base class validates
+inputs, enforces the image and request budgets and keeps the counts, and subclasses fill one
+hook, :meth:`Oracle._query`. :class:`LocalOracle` wraps an in-process model and can emulate a
+real API (8-bit wire, top-k or label-only outputs); ``HttpOracle`` talks to a server.
+"""
+
+from __future__ import annotations
+
+import logging
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+from reprogram.errors import BudgetExhausted, ConfigError, DataError
+from reprogram.zoo.registry import SourceModel
+
+log = logging.getLogger(__name__)
+
+BaseKind = Literal["probs", "logits", "topk", "label"]
+WireDtype = Literal["uint8", "fp32"]
+
+
+def parse_output_kind(kind: str) -> tuple[BaseKind, int]:
+    """``probs`` | ``logits`` | ``topk:K`` | ``label`` -> (base kind, k)."""
+    if kind in ("probs", "logits", "label"):
+        return kind, 0  # type: ignore[return-value]
+    if kind.startswith("topk:"):
+        try:
+            k = int(kind.split(":", 1)[1])
+        except ValueError:
+            k = 0
+        if k >= 1:
+            return "topk", k
+    raise ConfigError(f"expected output kind probs, logits, topk:K (K >= 1) or label, "
+                      f"got {kind!r}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelInfo:
+    """What an oracle reveals about its model."""
+
+    name: str
+    input_size: tuple[int, int]
+    class_names: tuple[str, ...]
+    output_kind: str = "probs"
+    wire_dtype: WireDtype = "uint8"
+    fingerprint: dict[str, object] = field(default_factory=dict)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def base_kind(self) -> BaseKind:
+        return parse_output_kind(self.output_kind)[0]
+
+
+def reduce_scores(logits: torch.Tensor, kind: str) -> torch.Tensor:
+    """Turn logits into what an API of the given output kind reveals.
+
+    ``topk:K`` keeps the K largest probabilities and sets the others to 0; ``label`` gives
+    one-hot rows of the argmax.
+    """
+    base, k = parse_output_kind(kind)
+    if base == "logits":
+        return logits
+    probs = F.softmax(logits, dim=-1)
+    if base == "probs":
+        return probs
+    if base == "topk":
+        k = min(k, probs.shape[-1])
+        top = probs.topk(k, dim=-1)
+        return torch.zeros_like(probs).scatter(-1, top.indices, top.values)
+    return F.one_hot(logits.argmax(-1), logits.shape[-1]).to(logits.dtype)
+
+
+def quantize_uint8(x: torch.Tensor) -> torch.Tensor:
+    """Round to the 8-bit grid (what a uint8 wire delivers); straight-through gradient."""
+    q = torch.round(x * 255.0) / 255.0
+    return x + (q - x).detach()
+
+
+class Oracle(ABC):
+    """Scores of a frozen source model for images in [0, 1], with query accounting.
+
+    ``budget`` caps the number of images (None: unlimited), ``max_requests`` the number of
+    calls. A query that would exceed either raises :class:`BudgetExhausted` before anything
+    is spent, so a fit can stop cleanly with what it learned.
+    """
+
+    def __init__(self, *, budget: int | None = None, max_requests: int | None = None) -> None:
+        if budget is not None and budget < 0:
+            raise ConfigError(f"expected a non-negative image budget, got {budget}")
+        if max_requests is not None and max_requests < 0:
+            raise ConfigError(f"expected a non-negative request cap, got {max_requests}")
+        self.budget = budget
+        self.max_requests = max_requests
+        self.images_used = 0
+        self.requests_used = 0
+
+    @property
+    @abstractmethod
+    def info(self) -> ModelInfo:
+        """Model name, input size, class names, output kind, wire datatype."""
+
+    @property
+    @abstractmethod
+    def differentiable(self) -> bool:
+        """Whether gradients flow from the scores back to the input images."""
+
+    @abstractmethod
+    def _query(self, x: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """Scores ``[N, K_s]`` for validated images, and the number of requests it took."""
+
+    def remaining(self) -> int | None:
+        return None if self.budget is None else max(self.budget - self.images_used, 0)
+
+    def can_afford(self, n_images: int) -> bool:
+        return self.budget is None or self.images_used + n_images <= self.budget
+
+    def query(self, x: torch.Tensor) -> torch.Tensor:
+        """Scores over the source classes for ``x`` float ``[N, 3, H, W]`` in [0, 1]."""
+        h, w = self.info.input_size
+        if x.ndim != 4 or x.shape[1] != 3 or tuple(x.shape[2:]) != (h, w):
+            raise DataError(f"expected images [N,3,{h},{w}], got {tuple(x.shape)}")
+        if not x.is_floating_point():
+            raise DataError(f"expected float images in [0,1], got {x.dtype}")
+        n = int(x.shape[0])
+        if not self.can_afford(n):
+            raise BudgetExhausted(f"image budget {self.budget} would be exceeded: "
+                                  f"{self.images_used} used, {n} more asked")
+        if self.max_requests is not None and self.requests_used >= self.max_requests:
+            raise BudgetExhausted(f"request cap {self.max_requests} reached")
+        if n == 0:
+            return x.new_zeros((0, self.info.num_classes))
+        scores, requests = self._query(x.clamp(0.0, 1.0))
+        self.images_used += n
+        self.requests_used += requests
+        return scores
+
+    def counts(self) -> dict[str, int]:
+        return {"images": self.images_used, "requests": self.requests_used}
+
+    def load_counts(self, counts: dict[str, int]) -> None:
+        self.images_used = int(counts["images"])
+        self.requests_used = int(counts["requests"])
+
+
+class LocalOracle(Oracle):
+    """An in-process model as an oracle.
+
+    ``quantize`` rounds every queried image to 8 bits as a uint8 wire would (with a
+    straight-through gradient); ``output`` reduces the scores to what an API reveals
+    (``probs``, ``logits``, ``topk:K``, ``label``). Autograd is available for probs and logits.
+    """
+
+    def __init__(
+        self,
+        model: SourceModel,
+        *,
+        output: str = "probs",
+        quantize: bool = True,
+        max_batch: int = 1024,
+        budget: int | None = None,
+        max_requests: int | None = None,
+    ) -> None:
+        super().__init__(budget=budget, max_requests=max_requests)
+        parse_output_kind(output)
+        if max_batch < 1:
+            raise ConfigError(f"expected max_batch >= 1, got {max_batch}")
+        self.model = model
+        self.quantize = quantize
+        self.max_batch = max_batch
+        self._info = ModelInfo(
+            name=model.meta.name,
+            input_size=model.meta.input_size,
+            class_names=model.meta.class_names,
+            output_kind=output,
+            wire_dtype="uint8" if quantize else "fp32",
+            fingerprint=model.meta.fingerprint(),
+        )
+
+    @property
+    def info(self) -> ModelInfo:
+        return self._info
+
+    @property
+    def differentiable(self) -> bool:
+        return self._info.base_kind in ("probs", "logits")
+
+    def _query(self, x: torch.Tensor) -> tuple[torch.Tensor, int]:
+        if self.quantize:
+            x = quantize_uint8(x)
+        chunks = [self.model.module(x[i : i + self.max_batch])
+                  for i in range(0, x.shape[0], self.max_batch)]
+        logits = torch.cat(chunks)
+        return reduce_scores(logits, self._info.output_kind), 1

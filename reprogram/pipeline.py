@@ -1,0 +1,92 @@
+"""One implementation of "apply the program, query the oracle, map the labels".
+
+:class:`Reprogrammer` is shared by the fit loop (which asks it for an objective), by
+``reprogram eval`` / ``reprogram apply`` and by the servers that host prompts, so a prompt
+predicts identically wherever it is used.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from reprogram.estimators import Objective
+from reprogram.labelmaps import LabelMap, ScoreKind, to_log_scores
+from reprogram.oracles import Oracle
+from reprogram.programs import Program
+
+DEFAULT_FLOOR = 1e-6
+
+
+class Reprogrammer(nn.Module):
+    """A program and a label map in front of an oracle: target images in, target logits out."""
+
+    def __init__(self, program: Program, labelmap: LabelMap, *, floor: float = DEFAULT_FLOOR,
+                 ) -> None:
+        super().__init__()
+        self.program = program
+        self.labelmap = labelmap
+        self.floor = floor
+
+    def transform(self, images: Tensor) -> Tensor:
+        """Raw target images (uint8 or [0,1]) -> the program's input ``[N,3,inner,inner]``."""
+        return self.program.input_transform(images)
+
+    def candidate_logits(self, x_t: Tensor, thetas: Tensor, oracle: Oracle) -> Tensor:
+        """Target logits ``[P, N, K_t]`` for P candidate programs, in ONE oracle query."""
+        frames = self.program.render_candidates(x_t, thetas)
+        p, n = frames.shape[:2]
+        scores = oracle.query(frames.flatten(0, 1))
+        kind: ScoreKind = oracle.info.base_kind
+        log_scores = to_log_scores(scores, kind, self.floor).view(p, n, -1)
+        return self.labelmap(log_scores)
+
+    def objective(self, x_t: Tensor, labels: Tensor, oracle: Oracle) -> Objective:
+        """Mean cross-entropy per candidate, ``thetas [P,...] -> losses [P]``."""
+
+        def losses(thetas: Tensor) -> Tensor:
+            logits = self.candidate_logits(x_t, thetas, oracle)
+            p, n = logits.shape[:2]
+            ce = F.cross_entropy(logits.flatten(0, 1), labels.repeat(p), reduction="none")
+            return ce.view(p, n).mean(dim=1)
+
+        return losses
+
+    @torch.no_grad()
+    def source_scores(self, images: Tensor, oracle: Oracle, batch_size: int = 256) -> Tensor:
+        """Source scores ``[N, K_s]`` of raw target images under the current program."""
+        theta = self.program.theta.detach()[None]
+        out = []
+        for i in range(0, len(images), batch_size):
+            frames = self.program.render_candidates(self.transform(images[i : i + batch_size]),
+                                                    theta)[0]
+            out.append(oracle.query(frames))
+        return torch.cat(out) if out else torch.zeros(0, oracle.info.num_classes)
+
+    @torch.no_grad()
+    def predict_logits(self, images: Tensor, oracle: Oracle, batch_size: int = 256) -> Tensor:
+        """Target logits ``[N, K_t]`` of raw target images (uint8 or [0,1])."""
+        scores = self.source_scores(images, oracle, batch_size)
+        return self.labelmap(to_log_scores(scores, oracle.info.base_kind, self.floor))
+
+    @torch.no_grad()
+    def predict_proba(self, images: Tensor, oracle: Oracle, batch_size: int = 256) -> Tensor:
+        """Target class probabilities ``[N, K_t]``."""
+        return F.softmax(self.predict_logits(images, oracle, batch_size), dim=-1)
+
+    @torch.no_grad()
+    def accuracy(self, images: Tensor, labels: Tensor, oracle: Oracle,
+                 batch_size: int = 256) -> float:
+        """Top-1 target accuracy; 0.0 on an empty set."""
+        if len(labels) == 0:
+            return 0.0
+        pred = self.predict_logits(images, oracle, batch_size).argmax(-1)
+        return float((pred == labels).float().mean())
+
+    @torch.no_grad()
+    def fit_labelmap(self, images: Tensor, labels: Tensor, oracle: Oracle,
+                     batch_size: int = 256) -> None:
+        """Frequency label mapping under the current program (BAR / ILM-VP)."""
+        scores = self.source_scores(images, oracle, batch_size)
+        self.labelmap.fit(scores.argmax(-1), labels)

@@ -1,0 +1,688 @@
+"""Open Inference Protocol (KServe V2) messages and tensor codecs, shared by server and client.
+
+The V2 REST protocol (https://kserve.github.io/website/docs/concepts/architecture/data-plane/
+v2-protocol) sends tensors as JSON ``{"name", "shape", "datatype", "data"}`` with ``data``
+flattened in row-major order (nested lists are accepted too). The *binary tensor data*
+extension (Triton) appends raw little-endian tensor bytes after the JSON header: the header
+length travels in the HTTP header ``Inference-Header-Content-Length`` and each binary tensor
+announces its byte count in ``parameters.binary_data_size``. ``BYTES`` elements are sent as a
+4-byte little-endian length followed by the bytes.
+
+Client side: :func:`encode_request` and :func:`decode_response`. Server side: the mirror
+:func:`decode_request` and :func:`encode_response`. Every malformed message raises
+:class:`~reprogram.errors.ProtocolError` with an "expected X, got Y" message.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Annotated, Any, TypeVar
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from reprogram.errors import ProtocolError
+
+HEADER_LENGTH = "Inference-Header-Content-Length"
+"""HTTP header carrying the byte length of the JSON part of a binary-extension body."""
+
+JSON_CONTENT_TYPE = "application/json"
+BINARY_CONTENT_TYPE = "application/octet-stream"
+
+DATATYPES: dict[str, np.dtype[Any]] = {
+    "BOOL": np.dtype(np.bool_),
+    "UINT8": np.dtype("<u1"),
+    "UINT16": np.dtype("<u2"),
+    "UINT32": np.dtype("<u4"),
+    "UINT64": np.dtype("<u8"),
+    "INT8": np.dtype("<i1"),
+    "INT16": np.dtype("<i2"),
+    "INT32": np.dtype("<i4"),
+    "INT64": np.dtype("<i8"),
+    "FP16": np.dtype("<f2"),
+    "FP32": np.dtype("<f4"),
+    "FP64": np.dtype("<f8"),
+    "BYTES": np.dtype(np.object_),
+}
+"""V2 datatype name -> numpy dtype (little-endian on the wire; ``BYTES`` is an object array)."""
+
+_MAX_LISTED_ERRORS = 3
+
+# ----------------------------------------------------------------------------------------------
+# pydantic messages
+
+
+class _Message(BaseModel):
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+
+Shape = list[Annotated[int, Field(strict=True, ge=0)]]
+
+
+class RequestInput(_Message):
+    """One input tensor of an inference request (``data`` absent when sent as binary)."""
+
+    name: str
+    shape: Shape
+    datatype: str
+    parameters: dict[str, Any] | None = None
+    data: Any = None
+
+
+class RequestedOutput(_Message):
+    """An output the client asks for; ``parameters`` may hold ``binary_data``/``classification``."""
+
+    name: str
+    parameters: dict[str, Any] | None = None
+
+    @classmethod
+    def make(
+        cls, name: str, *, binary_data: bool | None = None, class_count: int = 0
+    ) -> RequestedOutput:
+        """Build a requested output as tritonclient does (``class_count`` > 0: top-k strings)."""
+        params: dict[str, Any] = {}
+        if binary_data is not None:
+            params["binary_data"] = binary_data
+        if class_count:
+            params["classification"] = class_count
+        return cls(name=name, parameters=params or None)
+
+
+class InferenceRequest(_Message):
+    """The JSON part of ``POST /v2/models/{m}/infer``."""
+
+    id: str | None = None
+    parameters: dict[str, Any] | None = None
+    inputs: list[RequestInput]
+    outputs: list[RequestedOutput] | None = None
+
+
+class ResponseOutput(_Message):
+    """One output tensor of an inference response (``data`` absent when sent as binary)."""
+
+    name: str
+    shape: Shape
+    datatype: str
+    parameters: dict[str, Any] | None = None
+    data: Any = None
+
+
+class InferenceResponse(_Message):
+    """The JSON part of an inference response."""
+
+    model_name: str
+    model_version: str | None = None
+    id: str | None = None
+    parameters: dict[str, Any] | None = None
+    outputs: list[ResponseOutput]
+
+
+class MetadataTensor(_Message):
+    """An input or output in model metadata; ``-1`` in ``shape`` is a variable dimension."""
+
+    name: str
+    datatype: str
+    shape: list[int]
+    parameters: dict[str, Any] | None = None
+
+
+class ModelMetadata(_Message):
+    """``GET /v2/models/{m}``: what a client needs to build requests and read responses."""
+
+    name: str
+    versions: list[str] | None = None
+    platform: str
+    inputs: list[MetadataTensor]
+    outputs: list[MetadataTensor]
+    parameters: dict[str, Any] | None = None
+
+
+class ServerMetadata(_Message):
+    """``GET /v2``."""
+
+    name: str
+    version: str
+    extensions: list[str]
+
+
+class ErrorResponse(_Message):
+    """Body of every 4xx/5xx response."""
+
+    error: str
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def parse_message(model: type[M], obj: object, what: str) -> M:
+    """Validate a decoded JSON object as ``model``; errors become :class:`ProtocolError`."""
+    if not isinstance(obj, dict):
+        raise ProtocolError(f"expected a JSON object for the {what}, got {type(obj).__name__}")
+    try:
+        return model.model_validate(obj)
+    except ValidationError as exc:
+        raise ProtocolError(f"invalid {what}: {validation_summary(exc)}") from None
+
+
+def validation_summary(exc: ValidationError) -> str:
+    """A one-line digest of a pydantic error: ``loc: message; ...``."""
+    parts = []
+    for err in exc.errors()[:_MAX_LISTED_ERRORS]:
+        loc = ".".join(str(p) for p in err["loc"]) or "body"
+        parts.append(f"{loc}: {err['msg']}")
+    more = len(exc.errors()) - _MAX_LISTED_ERRORS
+    return "; ".join(parts) + (f" (and {more} more)" if more > 0 else "")
+
+
+# ----------------------------------------------------------------------------------------------
+# datatypes and JSON data
+
+
+def datatype_of(array: np.ndarray) -> str:
+    """The V2 datatype name of a numpy array (object/str/bytes arrays are ``BYTES``)."""
+    kind = array.dtype.kind
+    if kind in "OSU":
+        return "BYTES"
+    for name, dtype in DATATYPES.items():
+        if name != "BYTES" and array.dtype.newbyteorder("<") == dtype:
+            return name
+    raise ProtocolError(
+        f"expected an array of one of {sorted(DATATYPES)} types, got dtype {array.dtype}"
+    )
+
+
+def numpy_dtype(datatype: str) -> np.dtype[Any]:
+    """The numpy dtype of a V2 datatype name."""
+    try:
+        return DATATYPES[datatype]
+    except KeyError:
+        raise ProtocolError(
+            f"expected a datatype in {sorted(DATATYPES)}, got {datatype!r}"
+        ) from None
+
+
+def as_numpy(x: Any) -> np.ndarray:
+    """Accept a numpy array, a torch tensor or a nested list; return a numpy array."""
+    if isinstance(x, np.ndarray):
+        return x
+    if hasattr(x, "detach") and hasattr(x, "cpu"):  # a torch.Tensor, without importing torch
+        return np.asarray(x.detach().cpu().numpy())
+    return np.asarray(x)
+
+
+def element_count(shape: Sequence[int]) -> int:
+    """Number of elements of a tensor of ``shape``."""
+    return math.prod(shape)
+
+
+def _flatten(data: Any, out: list[Any]) -> None:
+    if isinstance(data, list):
+        for item in data:
+            _flatten(item, out)
+    else:
+        out.append(data)
+
+
+def _bytes_from_json(data: Any, name: str) -> np.ndarray:
+    flat: list[Any] = []
+    _flatten(data, flat)
+    items = np.empty(len(flat), dtype=object)
+    for i, item in enumerate(flat):
+        if not isinstance(item, str):
+            raise ProtocolError(
+                f"expected strings in BYTES tensor {name!r}, got {type(item).__name__}"
+            )
+        items[i] = item.encode("utf-8")
+    return items
+
+
+def from_json_data(data: Any, shape: Sequence[int], datatype: str, name: str) -> np.ndarray:
+    """Decode JSON ``data`` (flat or nested, row-major) into an array of ``shape``.
+
+    Checks that the element count matches ``shape``, that the values have the datatype's kind
+    (integers for integer types, numbers for floats, booleans for ``BOOL``, strings for
+    ``BYTES``) and that integers fit the datatype's range.
+    """
+    dtype = numpy_dtype(datatype)
+    if not isinstance(data, list):
+        raise ProtocolError(f"expected a list in 'data' of {name!r}, got {type(data).__name__}")
+    if datatype == "BYTES":
+        flat = _bytes_from_json(data, name)
+    else:
+        try:
+            flat = np.asarray(data).reshape(-1)
+        except (ValueError, TypeError):
+            raise ProtocolError(
+                f"expected 'data' of {name!r} to be a flat or regularly nested list of numbers,"
+                " got a ragged or mixed list"
+            ) from None
+        if dtype.kind in "iu" and flat.dtype.kind in "fO":
+            flat = _python_ints(data, datatype, dtype, name)  # e.g. UINT64 beyond int64
+        flat = _cast_json_numbers(flat, datatype, dtype, name)
+    want = element_count(shape)
+    if flat.size != want:
+        raise ProtocolError(
+            f"expected {want} elements in 'data' of {name!r} (shape {list(shape)}),"
+            f" got {flat.size}"
+        )
+    return flat.reshape(tuple(shape))
+
+
+def _python_ints(data: list[Any], datatype: str, dtype: np.dtype[Any], name: str) -> np.ndarray:
+    items: list[Any] = []
+    _flatten(data, items)
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in items):
+        raise ProtocolError(f"expected integers in {datatype} tensor {name!r}, got other values")
+    try:
+        return np.array(items, dtype=dtype)
+    except OverflowError:
+        info = np.iinfo(dtype)
+        raise ProtocolError(
+            f"expected {datatype} values in [{info.min}, {info.max}] in {name!r},"
+            f" got values in [{min(items)}, {max(items)}]"
+        ) from None
+
+
+def _cast_json_numbers(
+    flat: np.ndarray, datatype: str, dtype: np.dtype[Any], name: str
+) -> np.ndarray:
+    kind = flat.dtype.kind
+    if flat.size == 0:
+        return flat.astype(dtype)
+    if datatype == "BOOL":
+        if kind != "b":
+            raise ProtocolError(f"expected booleans in BOOL tensor {name!r}, got {flat.dtype}")
+        return flat
+    if dtype.kind in "iu":
+        if kind not in "iu":
+            raise ProtocolError(
+                f"expected integers in {datatype} tensor {name!r}, got {_kind_name(kind)}"
+            )
+        info = np.iinfo(dtype)
+        lo, hi = int(flat.min()), int(flat.max())
+        if lo < info.min or hi > info.max:
+            raise ProtocolError(
+                f"expected {datatype} values in [{info.min}, {info.max}] in {name!r},"
+                f" got values in [{lo}, {hi}]"
+            )
+        return flat.astype(dtype)
+    if kind not in "iuf":
+        raise ProtocolError(
+            f"expected numbers in {datatype} tensor {name!r}, got {_kind_name(kind)}"
+        )
+    return flat.astype(dtype)
+
+
+def _kind_name(kind: str) -> str:
+    return {"f": "floats", "b": "booleans", "U": "strings", "O": "mixed values"}.get(
+        kind, f"values of kind {kind!r}"
+    )
+
+
+def to_json_data(array: np.ndarray) -> list[Any]:
+    """Flatten an array into JSON ``data`` (row-major; ``BYTES`` as UTF-8 strings)."""
+    if array.dtype.kind in "OSU":
+        out = []
+        for item in array.reshape(-1):
+            if isinstance(item, bytes):
+                try:
+                    out.append(item.decode("utf-8"))
+                except UnicodeDecodeError:
+                    raise ProtocolError(
+                        "expected UTF-8 text in a BYTES tensor sent as JSON, got raw bytes;"
+                        " send it as binary data"
+                    ) from None
+            else:
+                out.append(str(item))
+        return out
+    result: list[Any] = array.reshape(-1).tolist()
+    return result
+
+
+# ----------------------------------------------------------------------------------------------
+# raw (binary extension) data
+
+
+def serialize_bytes_tensor(array: np.ndarray) -> bytes:
+    """``BYTES`` elements as 4-byte little-endian length + bytes, row-major."""
+    parts = []
+    for item in array.reshape(-1):
+        raw = item if isinstance(item, bytes) else str(item).encode("utf-8")
+        parts.append(struct.pack("<I", len(raw)))
+        parts.append(raw)
+    return b"".join(parts)
+
+
+def deserialize_bytes_tensor(raw: bytes | memoryview, name: str = "tensor") -> np.ndarray:
+    """Inverse of :func:`serialize_bytes_tensor`: a flat object array of ``bytes``."""
+    raw = bytes(raw)
+    items: list[bytes] = []
+    pos = 0
+    while pos < len(raw):
+        if pos + 4 > len(raw):
+            raise ProtocolError(
+                f"expected a 4-byte length prefix at byte {pos} of BYTES tensor {name!r},"
+                f" got {len(raw) - pos} bytes"
+            )
+        (n,) = struct.unpack_from("<I", raw, pos)
+        pos += 4
+        if pos + n > len(raw):
+            raise ProtocolError(
+                f"expected {n} bytes for an element of BYTES tensor {name!r},"
+                f" got {len(raw) - pos}"
+            )
+        items.append(raw[pos : pos + n])
+        pos += n
+    out = np.empty(len(items), dtype=object)
+    out[:] = items
+    return out
+
+
+def to_raw(array: np.ndarray, datatype: str) -> bytes:
+    """The binary-extension bytes of an array (little-endian)."""
+    if datatype == "BYTES":
+        return serialize_bytes_tensor(array)
+    return np.ascontiguousarray(array, dtype=numpy_dtype(datatype)).tobytes()
+
+
+def from_raw(raw: bytes | memoryview, shape: Sequence[int], datatype: str, name: str) -> np.ndarray:
+    """Decode binary-extension bytes of one tensor into a (writable) array of ``shape``."""
+    want = element_count(shape)
+    if datatype == "BYTES":
+        flat = deserialize_bytes_tensor(raw, name)
+        if flat.size != want:
+            raise ProtocolError(
+                f"expected {want} elements in BYTES tensor {name!r} (shape {list(shape)}),"
+                f" got {flat.size}"
+            )
+        return flat.reshape(tuple(shape))
+    dtype = numpy_dtype(datatype)
+    nbytes = want * dtype.itemsize
+    if len(raw) != nbytes:
+        raise ProtocolError(
+            f"expected binary_data_size {nbytes} for {datatype} tensor {name!r} of shape"
+            f" {list(shape)}, got {len(raw)}"
+        )
+    return np.frombuffer(raw, dtype=dtype).reshape(tuple(shape)).copy()
+
+
+# ----------------------------------------------------------------------------------------------
+# body framing
+
+
+def parse_header_length(headers: Mapping[str, str] | None, body_size: int) -> int | None:
+    """Read ``Inference-Header-Content-Length`` (case-insensitive); ``None`` when absent."""
+    if not headers:
+        return None
+    wanted = HEADER_LENGTH.lower()
+    value = next((v for k, v in headers.items() if k.lower() == wanted), None)
+    if value is None:
+        return None
+    text = value.strip()
+    if not text.isdigit() or not 0 < int(text) <= body_size:
+        raise ProtocolError(
+            f"expected {HEADER_LENGTH} to be an integer between 1 and the body size"
+            f" {body_size}, got {value!r}"
+        )
+    return int(text)
+
+
+def _split_body(body: bytes, header_length: int | None, what: str) -> tuple[Any, memoryview]:
+    head = body if header_length is None else body[:header_length]
+    try:
+        obj = json.loads(head)
+    except (ValueError, RecursionError) as exc:
+        hint = "" if header_length is not None else f" (binary bodies need {HEADER_LENGTH})"
+        raise ProtocolError(f"expected a JSON {what}, got malformed JSON: {exc}{hint}") from None
+    rest = memoryview(body)[len(head) :]
+    return obj, rest
+
+
+def _binary_size(params: dict[str, Any] | None, name: str) -> int | None:
+    if not params or "binary_data_size" not in params:
+        return None
+    size = params["binary_data_size"]
+    if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+        raise ProtocolError(
+            f"expected a non-negative integer binary_data_size for {name!r}, got {size!r}"
+        )
+    return size
+
+
+def _read_tensors(
+    entries: Sequence[RequestInput | ResponseOutput], rest: memoryview, what: str
+) -> dict[str, np.ndarray]:
+    sizes = [_binary_size(e.parameters, e.name) for e in entries]
+    announced = sum(s for s in sizes if s is not None)
+    if announced != len(rest):
+        relation = "shorter" if len(rest) < announced else "longer"
+        raise ProtocolError(
+            f"binary {what} body is {relation} than announced: expected {announced} bytes of"
+            f" tensor data after the JSON header (sum of binary_data_size), got {len(rest)}"
+        )
+    tensors: dict[str, np.ndarray] = {}
+    offset = 0
+    for entry, size in zip(entries, sizes, strict=True):
+        if entry.name in tensors:
+            raise ProtocolError(f"expected unique tensor names, got {entry.name!r} twice")
+        numpy_dtype(entry.datatype)
+        if size is not None:
+            if entry.data is not None:
+                raise ProtocolError(
+                    f"expected either 'data' or binary_data_size for {entry.name!r}, got both"
+                )
+            chunk = rest[offset : offset + size]
+            offset += size
+            tensors[entry.name] = from_raw(chunk, entry.shape, entry.datatype, entry.name)
+        else:
+            if entry.data is None:
+                raise ProtocolError(
+                    f"expected 'data' or parameters.binary_data_size for {entry.name!r}, got"
+                    " neither"
+                )
+            tensors[entry.name] = from_json_data(
+                entry.data, entry.shape, entry.datatype, entry.name
+            )
+    return tensors
+
+
+@dataclass(frozen=True)
+class OutputTensor:
+    """An output to encode in a response: its array, datatype, and whether to send it raw."""
+
+    name: str
+    array: np.ndarray
+    binary: bool = False
+    datatype: str | None = None
+    parameters: Mapping[str, Any] | None = None
+
+
+def _frame(header: dict[str, Any], raws: Iterable[bytes]) -> tuple[bytes, dict[str, str]]:
+    try:
+        head = json.dumps(header, separators=(",", ":"), allow_nan=False).encode()
+    except ValueError as exc:
+        raise ProtocolError(f"expected finite numbers in JSON tensor data, got {exc}") from None
+    raw = b"".join(raws)
+    if not raw and not _has_binary(header):
+        return head, {"Content-Type": JSON_CONTENT_TYPE}
+    return head + raw, {
+        "Content-Type": BINARY_CONTENT_TYPE,
+        HEADER_LENGTH: str(len(head)),
+    }
+
+
+def _has_binary(header: dict[str, Any]) -> bool:
+    tensors = header.get("inputs") or header.get("outputs") or []
+    return any("binary_data_size" in (t.get("parameters") or {}) for t in tensors)
+
+
+def _tensor_entry(
+    name: str, array: np.ndarray, datatype: str, binary: bool, params: Mapping[str, Any] | None
+) -> tuple[dict[str, Any], bytes | None]:
+    entry: dict[str, Any] = {"name": name, "shape": list(array.shape), "datatype": datatype}
+    parameters = dict(params or {})
+    raw = None
+    if binary:
+        raw = to_raw(array, datatype)
+        parameters["binary_data_size"] = len(raw)
+    else:
+        entry["data"] = to_json_data(array)
+    if parameters:
+        entry["parameters"] = parameters
+    return entry, raw
+
+
+# ----------------------------------------------------------------------------------------------
+# client side
+
+
+def encode_request(
+    inputs: Mapping[str, Any],
+    outputs: Sequence[RequestedOutput] | None = None,
+    *,
+    binary: bool = True,
+    binary_output: bool | None = None,
+    request_id: str | None = None,
+    parameters: Mapping[str, Any] | None = None,
+) -> tuple[bytes, dict[str, str]]:
+    """Encode an inference request body; returns ``(body, headers)`` to POST.
+
+    ``inputs`` maps names to numpy arrays or torch tensors (datatype from the dtype: uint8 ->
+    ``UINT8``, float32 -> ``FP32`` ...). ``binary`` sends inputs as raw bytes (binary tensor
+    extension) instead of JSON ``data``. ``binary_output`` sets the request parameter
+    ``binary_data_output`` (outputs default to raw bytes). ``outputs`` lists the wanted outputs
+    (see :meth:`RequestedOutput.make`); ``None`` asks for all of them.
+    """
+    header: dict[str, Any] = {}
+    if request_id is not None:
+        header["id"] = request_id
+    params = dict(parameters or {})
+    if binary_output is not None:
+        params["binary_data_output"] = binary_output
+    if params:
+        header["parameters"] = params
+    entries, raws = [], []
+    for name, value in inputs.items():
+        array = as_numpy(value)
+        entry, raw = _tensor_entry(name, array, datatype_of(array), binary, None)
+        entries.append(entry)
+        if raw is not None:
+            raws.append(raw)
+    header["inputs"] = entries
+    if outputs is not None:
+        header["outputs"] = [o.model_dump(exclude_none=True) for o in outputs]
+    return _frame(header, raws)
+
+
+def decode_response(
+    body: bytes, headers: Mapping[str, str] | None = None
+) -> tuple[dict[str, np.ndarray], InferenceResponse]:
+    """Decode an inference response body into ``({name: array}, response message)``."""
+    obj, rest = _split_body(body, parse_header_length(headers, len(body)), "inference response")
+    response = parse_message(InferenceResponse, obj, "inference response")
+    return _read_tensors(response.outputs, rest, "response"), response
+
+
+# ----------------------------------------------------------------------------------------------
+# server side
+
+
+def decode_request(
+    body: bytes, headers: Mapping[str, str] | None = None
+) -> tuple[InferenceRequest, dict[str, np.ndarray]]:
+    """Decode an inference request body into ``(request message, {name: array})``."""
+    obj, rest = _split_body(body, parse_header_length(headers, len(body)), "inference request")
+    request = parse_message(InferenceRequest, obj, "inference request")
+    return request, _read_tensors(request.inputs, rest, "request")
+
+
+def encode_response(
+    *,
+    model_name: str,
+    outputs: Sequence[OutputTensor],
+    model_version: str | None = None,
+    request_id: str | None = None,
+    parameters: Mapping[str, Any] | None = None,
+) -> tuple[bytes, dict[str, str]]:
+    """Encode an inference response; returns ``(body, headers)``.
+
+    Outputs with ``binary=True`` go as raw bytes after the JSON header and the headers then
+    carry ``Inference-Header-Content-Length``; otherwise the body is plain JSON.
+    """
+    header: dict[str, Any] = {"model_name": model_name}
+    if model_version is not None:
+        header["model_version"] = model_version
+    if request_id is not None:
+        header["id"] = request_id
+    if parameters:
+        header["parameters"] = dict(parameters)
+    entries, raws = [], []
+    for out in outputs:
+        datatype = out.datatype or datatype_of(out.array)
+        entry, raw = _tensor_entry(out.name, out.array, datatype, out.binary, out.parameters)
+        entries.append(entry)
+        if raw is not None:
+            raws.append(raw)
+    header["outputs"] = entries
+    return _frame(header, raws)
+
+
+# ----------------------------------------------------------------------------------------------
+# classification extension
+
+
+def encode_classification(
+    scores: np.ndarray, k: int, class_names: Sequence[str] | None = None
+) -> np.ndarray:
+    """Top-``k`` of each row of ``scores [N, K]`` as Triton's ``"score:index:label"`` strings.
+
+    Returns an object array of ``bytes`` of shape ``[N, min(k, K)]``, best first (ties by
+    lower index). Scores are printed as the shortest decimal that round-trips in float32.
+    """
+    if scores.ndim != 2:
+        raise ProtocolError(f"expected scores of rank 2 for classification, got {scores.shape}")
+    k = min(k, scores.shape[1])
+    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    out = np.empty((scores.shape[0], k), dtype=object)
+    for i, row in enumerate(order):
+        for j, idx in enumerate(row):
+            text = f"{np.float32(scores[i, idx])!s}:{int(idx)}"
+            if class_names is not None:
+                text += f":{class_names[int(idx)]}"
+            out[i, j] = text.encode("utf-8")
+    return out
+
+
+def decode_classification(array: np.ndarray) -> list[list[tuple[float, int, str | None]]]:
+    """Parse a classification output (``[N, k]`` strings) into ``(score, index, label)``."""
+    rows = array.reshape(array.shape[0], -1) if array.ndim else array.reshape(1, -1)
+    result = []
+    for row in rows:
+        parsed = []
+        for item in row:
+            text = item.decode("utf-8") if isinstance(item, bytes) else str(item)
+            parts = text.split(":", 2)
+            try:
+                score, index = float(parts[0]), int(parts[1])
+            except (ValueError, IndexError):
+                raise ProtocolError(
+                    f"expected 'score:index[:label]' in a classification output, got {text!r}"
+                ) from None
+            parsed.append((score, index, parts[2] if len(parts) > 2 else None))
+        result.append(parsed)
+    return result
+
+
+def error_message(body: bytes) -> str:
+    """The ``error`` text of an error response body (the raw text if it is not V2 JSON)."""
+    try:
+        obj = json.loads(body)
+    except ValueError:
+        return body[:500].decode("utf-8", "replace")
+    if isinstance(obj, dict) and isinstance(obj.get("error"), str):
+        return str(obj["error"])
+    return body[:500].decode("utf-8", "replace")
