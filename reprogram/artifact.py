@@ -72,6 +72,12 @@ class Prompt:
             if head not in parts or not name:
                 raise ArtifactError(f"expected tensors named program.* or labelmap.*, got {key!r}")
             parts[head][name] = value
+        for head, module in (("program", program), ("labelmap", labelmap)):
+            want = module.state_dict()
+            for name, value in parts[head].items():
+                if name in want and value.dtype != want[name].dtype:
+                    raise ArtifactError(f"expected tensor {head}.{name} of dtype "
+                                        f"{want[name].dtype}, got {value.dtype}")
         try:
             program.load_state_dict(parts["program"], strict=True)
             labelmap.load_state_dict(parts["labelmap"], strict=True)
@@ -104,7 +110,7 @@ def _digest(meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> str:
     for name in sorted(tensors):
         t = tensors[name].contiguous()
         h.update(f"{name}|{t.dtype}|{list(t.shape)}|".encode())
-        h.update(t.numpy().tobytes())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())  # any dtype, raw bytes
     return h.hexdigest()
 
 
@@ -157,7 +163,8 @@ def loads_prompt(data: bytes) -> Prompt:
         raise ArtifactError(f"expected a prompt file of at most {MAX_ARTIFACT_BYTES} bytes, "
                             f"got {len(data)}")
     header = _header(data)
-    raw = (header.get("__metadata__") or {}).get(_META_KEY)
+    extra = header.get("__metadata__")
+    raw = extra.get(_META_KEY) if isinstance(extra, dict) else None
     if not isinstance(raw, str):
         raise ArtifactError("expected a reprogram prompt (no 'reprogram' metadata in the "
                             "safetensors header); was it written by `reprogram fit`?")

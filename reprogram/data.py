@@ -117,12 +117,20 @@ def make_squares(n: int = 2000, seed: int = 0, grid: int = 9, cell: int = 4) -> 
                          names, "squares")
 
 
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """RGB, scaling 16-bit grayscale to 8 bits (Pillow's own conversion saturates it)."""
+    if img.mode.startswith("I;16"):
+        deep = np.asarray(img, dtype=np.float64)  # 0..65535
+        img = Image.fromarray(np.clip(np.rint(deep / 257.0), 0, 255).astype(np.uint8))
+    return img.convert("RGB")
+
+
 def _read_image(path: Path, size: tuple[int, int] | None) -> np.ndarray:
     try:
         with Image.open(path) as img:
             if img.width * img.height > MAX_FOLDER_IMAGE_PIXELS:
                 raise DataError(f"image {str(path)!r} is too large: {img.width}x{img.height}")
-            rgb = img.convert("RGB")
+            rgb = _to_rgb(img)
             if size is not None and rgb.size != (size[1], size[0]):
                 rgb = rgb.resize((size[1], size[0]), Image.Resampling.BILINEAR)
             return np.asarray(rgb, dtype=np.uint8).transpose(2, 0, 1)

@@ -88,8 +88,11 @@ def _planned_steps(cfg: FitConfig, per_step: int, n_train: int, n_val: int,
     per_epoch = math.ceil(n_train / cfg.batch_size)
     steps = cfg.epochs * per_epoch if cfg.epochs else None
     if cfg.budget is not None:
-        eval_cost = n_val / cfg.eval_every
-        by_budget = int((cfg.budget - n_val - labelmap_cost) / (per_step + eval_cost))
+        spendable = cfg.budget - n_val - labelmap_cost
+        if cfg.eval_every is not None:
+            by_budget = int(spendable / (per_step + n_val / cfg.eval_every))
+        else:  # about 25 evaluations in all
+            by_budget = int((spendable - 25 * n_val) / per_step)
         steps = by_budget if steps is None else min(steps, by_budget)
     return max(int(steps or 0), 1)
 
@@ -118,6 +121,7 @@ class Fitter:
         self.total_steps = _planned_steps(cfg, per_step, len(self.train), len(self.val),
                                           lm_cost * min(lm_epochs, 1))
         self.per_step = per_step
+        self.eval_every = cfg.eval_interval(self.total_steps)
         head = list(labelmap.parameters())
         self.optimizer, self.scheduler = cfg.build_optimizer(program.theta, head,
                                                              self.total_steps)
@@ -219,10 +223,10 @@ class Fitter:
             self.scheduler.step()
             s.step += 1
             s.batch_idx += 1
-            row: dict[str, Any] = {"step": s.step, "loss": float(loss),
+            row: dict[str, Any] = {"step": s.step, "loss": loss.item(),
                                    "queries": self.oracle.images_used}
-            if s.step % cfg.eval_every == 0:
-                row = self._evaluate(float(loss))
+            if s.step % self.eval_every == 0:
+                row = self._evaluate(loss.item())
             if s.batch_idx >= per_epoch:
                 s.epoch += 1
                 s.batch_idx = 0

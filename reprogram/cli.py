@@ -1,0 +1,154 @@
+"""``reprogram``: fit, evaluate, apply and inspect prompts from the command line.
+
+This module only parses arguments into configs and calls the library; every error the user
+can cause ends in one line on stderr and a non-zero exit, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any, NoReturn
+
+import torch
+
+from reprogram.errors import ReprogramError
+
+log = logging.getLogger("reprogram")
+EXIT_USAGE, EXIT_ERROR, EXIT_INTERRUPTED = 2, 1, 130
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("source model (one of)")
+    g.add_argument("--model", default=None,
+                   help="local model: 'default' (shipped) or 'torchvision:ARCH' (default: "
+                        "'default' when no --endpoint)")
+    g.add_argument("--weights", default=None, help="state-dict file for --model torchvision:ARCH")
+    g.add_argument("--endpoint", default=None,
+                   help="URL of an Open Inference Protocol (KServe V2) server")
+    g.add_argument("--endpoint-model", default=None,
+                   help="model name on the endpoint (default: the only/first model)")
+    g.add_argument("--api-key", default=None,
+                   help="API key for the endpoint (default: $REPROGRAM_API_KEY)")
+    g.add_argument("--output", default="probs",
+                   help="local model only: emulate what an API reveals: probs, logits, "
+                        "topk:K, label (default: probs)")
+    g.add_argument("--wire", choices=("uint8", "fp32"), default="uint8",
+                   help="image datatype sent to the model (default: uint8, as real APIs)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="reprogram", description=__doc__.split("\n")[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="log more")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    f = sub.add_parser("fit", help="learn a prompt (program + label map) for a dataset")
+    _model_args(f)
+    f.add_argument("--data", required=True, help="'digits', 'squares' or a class-per-folder dir")
+    f.add_argument("--out", default="prompt.safetensors", help="artifact path")
+    f.add_argument("--program", choices=("pad", "patch", "full"), default="pad")
+    f.add_argument("--inner-size", type=int, default=None,
+                   help="side of the resized target image (default: half the frame)")
+    f.add_argument("--resolution", type=int, default=None,
+                   help="learn the program on an RxR grid upsampled to the frame")
+    f.add_argument("--labelmap", default=None,
+                   choices=("first", "random", "frequency", "iterative", "linear"))
+    f.add_argument("--sources-per-target", type=int, default=1)
+    f.add_argument("--estimator", choices=("autograd", "rgf", "spsa"), default=None,
+                   help="gradient estimator (default: autograd for a local model, rgf for "
+                        "an endpoint)")
+    f.add_argument("--q", type=int, default=None, help="RGF directions per step")
+    f.add_argument("--mu", type=float, default=None, help="RGF smoothing radius")
+    f.add_argument("--antithetic", action=argparse.BooleanOptionalAction, default=None)
+    f.add_argument("--spsa-c", type=float, default=None, help="SPSA perturbation size c")
+    f.add_argument("--optimizer", choices=("adam", "sgd", "spsa-gc"), default=None)
+    f.add_argument("--lr", type=float, default=None)
+    f.add_argument("--batch-size", type=int, default=None)
+    f.add_argument("--epochs", type=int, default=None)
+    f.add_argument("--budget", type=int, default=None,
+                   help="image queries (training + validation) the fit may spend")
+    f.add_argument("--eval-every", type=int, default=None, help="steps between validations")
+    f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--val-fraction", type=float, default=0.15)
+    f.add_argument("--test-fraction", type=float, default=0.25)
+    f.add_argument("--checkpoint", default=None,
+                   help="checkpoint path (default: OUT with .ckpt suffix)")
+    f.add_argument("--checkpoint-every", type=int, default=100)
+    f.add_argument("--resume", action="store_true", help="continue from the checkpoint")
+    f.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    e = sub.add_parser("eval", help="accuracy of a prompt on a dataset split")
+    _model_args(e)
+    e.add_argument("--prompt", required=True)
+    e.add_argument("--data", required=True)
+    e.add_argument("--split", choices=("test", "val", "train", "all"), default="test",
+                   help="split made with the prompt's own seed and fractions (default: test)")
+
+    a = sub.add_parser("apply", help="classify image files with a prompt")
+    _model_args(a)
+    a.add_argument("--prompt", required=True)
+    a.add_argument("--top-k", type=int, default=3)
+    a.add_argument("images", nargs="+", help="image files (PNG, JPEG, ...)")
+
+    i = sub.add_parser("inspect", help="print a prompt's metadata; optionally draw it")
+    i.add_argument("prompt")
+    i.add_argument("--png", default=None, help="write a picture of the program to this file")
+    i.add_argument("--data", default=None, help="dataset for sample images in the picture")
+
+    return parser
+
+
+def make_oracle(args: argparse.Namespace, budget: int | None = None) -> Any:
+    """A LocalOracle for --model, an HttpOracle for --endpoint."""
+    from reprogram.errors import ConfigError
+
+    if args.endpoint and args.model:
+        raise ConfigError("expected --model or --endpoint, got both")
+    if args.endpoint:
+        from reprogram.http_oracle import HttpOracle
+
+        return HttpOracle(args.endpoint, model=args.endpoint_model,
+                          api_key=args.api_key or os.environ.get("REPROGRAM_API_KEY"),
+                          wire=args.wire, budget=budget)
+    from reprogram.oracles import LocalOracle
+    from reprogram.zoo.registry import load_model
+
+    model = load_model(args.model or "default", args.weights)
+    return LocalOracle(model, output=args.output, quantize=args.wire == "uint8", budget=budget)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``reprogram`` console script."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    from reprogram import commands
+
+    try:
+        if args.command == "inspect":
+            return commands.cmd_inspect(args)
+        oracle = make_oracle(args)
+        handler = {"fit": commands.cmd_fit, "eval": commands.cmd_eval,
+                   "apply": commands.cmd_apply}[args.command]
+        return handler(args, oracle)
+    except ReprogramError as exc:
+        print(f"reprogram {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print(f"reprogram {args.command}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except (OSError, torch.cuda.OutOfMemoryError) as exc:
+        print(f"reprogram {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,164 @@
+"""The CLI's command handlers: arguments in, library calls, human-readable output."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from reprogram.artifact import Prompt, check_compatible, load_prompt, save_prompt
+from reprogram.config import FitConfig, recommended_config
+from reprogram.data import TargetDataset, load_dataset
+from reprogram.errors import ConfigError, DataError
+from reprogram.oracles import Oracle
+from reprogram.plots import learning_curve, program_picture
+
+log = logging.getLogger("reprogram")
+
+
+def _progress(total: int | None, enabled: bool) -> Any:
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="img", unit_scale=True, disable=not enabled,
+                dynamic_ncols=True, desc="fit", file=sys.stderr)
+
+
+def fit_config_from_args(args: argparse.Namespace) -> FitConfig:
+    estimator = args.estimator or ("rgf" if args.endpoint else "autograd")
+    checkpoint = args.checkpoint or str(Path(args.out).with_suffix(".ckpt"))
+    return recommended_config(
+        estimator,
+        program=args.program, inner_size=args.inner_size, resolution=args.resolution,
+        labelmap=args.labelmap, sources_per_target=args.sources_per_target,
+        q=args.q, mu=args.mu, antithetic=args.antithetic, spsa_c=args.spsa_c,
+        optimizer=args.optimizer, lr=args.lr, batch_size=args.batch_size, epochs=args.epochs,
+        budget=args.budget, eval_every=args.eval_every, seed=args.seed,
+        val_fraction=args.val_fraction, test_fraction=args.test_fraction,
+        checkpoint=checkpoint, checkpoint_every=args.checkpoint_every,
+    )
+
+
+def cmd_fit(args: argparse.Namespace, oracle: Oracle) -> int:
+    from reprogram.fit import fit
+
+    cfg = fit_config_from_args(args)
+    if cfg.epochs is None and cfg.budget is None:
+        raise ConfigError("expected --budget N or --epochs N")
+    out = Path(args.out)
+    if not out.parent.exists():
+        raise ConfigError(f"expected an existing folder for --out, got {str(out.parent)!r}")
+    data = load_dataset(args.data, seed=cfg.seed)
+    bar = _progress(cfg.budget, not args.no_progress)
+
+    def on_step(row: dict[str, Any]) -> None:
+        bar.update(row["queries"] - bar.n)
+        post = {"loss": f"{row['loss']:.3f}" if row.get("loss") is not None else "-",
+                "best_val": f"{row['best_val_accuracy']:.3f}"}
+        bar.set_postfix(post, refresh=False)
+
+    try:
+        result = fit(cfg, oracle, data, resume=args.resume, callback=on_step)
+    finally:
+        bar.close()
+    save_prompt(result.prompt, out)
+    curve = learning_curve(result.history, out.with_suffix(".curve.png"),
+                           title=f"{cfg.estimator} on {data.name}")
+    summary = {
+        "prompt": str(out), "learning_curve": str(curve),
+        "val_accuracy": round(result.best_val_accuracy, 4),
+        "test_accuracy": None if result.test_accuracy is None else round(result.test_accuracy, 4),
+        "queries": result.queries, "steps": result.steps, "stopped": result.stop_reason,
+        "seconds": round(result.seconds, 1),
+    }
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def _prompt_for(args: argparse.Namespace, oracle: Oracle) -> Prompt:
+    prompt = load_prompt(args.prompt)
+    info = oracle.info
+    check_compatible(prompt, info.input_size, info.num_classes, info.fingerprint)
+    return prompt
+
+
+def evaluation_split(prompt: Prompt, data: TargetDataset, split: str) -> TargetDataset:
+    """The split of ``data`` that the prompt's own fit used (same seed and fractions)."""
+    if split == "all":
+        return data
+    cfg = FitConfig.from_dict(prompt.config) if prompt.config else None
+    if cfg is None:
+        raise ConfigError("prompt records no fit config; use --split all")
+    train, val, test = data.split(cfg.val_fraction, cfg.test_fraction, cfg.seed)
+    return {"train": train, "val": val, "test": test}[split]
+
+
+def cmd_eval(args: argparse.Namespace, oracle: Oracle) -> int:
+    prompt = _prompt_for(args, oracle)
+    data = load_dataset(args.data, seed=prompt.seed)
+    if tuple(data.class_names) != prompt.target_classes:
+        raise DataError(f"expected classes {list(prompt.target_classes)}, got "
+                        f"{list(data.class_names)}")
+    part = evaluation_split(prompt, data, args.split)
+    model = prompt.build()
+    acc = model.accuracy(part.images, part.labels, oracle)
+    print(json.dumps({"prompt": args.prompt, "data": args.data, "split": args.split,
+                      "images": len(part), "accuracy": round(acc, 6),
+                      "queries": oracle.counts()}, indent=2))
+    return 0
+
+
+def read_images(paths: list[str]) -> torch.Tensor:
+    """Image files as uint8 RGB ``[N,3,H,W]`` (resized to the first image's size)."""
+    arrays: list[np.ndarray] = []
+    size: tuple[int, int] | None = None
+    for p in paths:
+        try:
+            with Image.open(p) as img:
+                rgb = img.convert("RGB")
+        except (OSError, UnidentifiedImageError, Image.DecompressionBombError) as exc:
+            raise DataError(f"cannot read image {p!r}: {exc}") from exc
+        size = size or rgb.size
+        if rgb.size != size:
+            rgb = rgb.resize(size, Image.Resampling.BILINEAR)
+        arrays.append(np.asarray(rgb, dtype=np.uint8).transpose(2, 0, 1))
+    return torch.from_numpy(np.stack(arrays))
+
+
+def cmd_apply(args: argparse.Namespace, oracle: Oracle) -> int:
+    prompt = _prompt_for(args, oracle)
+    model = prompt.build()
+    probs = model.predict_proba(read_images(args.images), oracle)
+    k = max(1, min(args.top_k, probs.shape[1]))
+    for path, row in zip(args.images, probs, strict=True):
+        top = row.topk(k)
+        print(json.dumps({"image": path, "label": prompt.target_classes[int(top.indices[0])],
+                          "top": [{"label": prompt.target_classes[int(i)],
+                                   "score": round(float(v), 6)}
+                                  for v, i in zip(top.values, top.indices, strict=True)]}))
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    prompt = load_prompt(args.prompt)
+    meta = prompt.metadata()
+    meta["tensors"] = {k: list(v.shape) for k, v in prompt.tensors.items()}
+    print(json.dumps(meta, indent=2))
+    if args.png:
+        model = prompt.build()
+        if args.data:
+            samples = load_dataset(args.data).images[:6]
+        else:
+            inner = prompt.program.inner_size
+            samples = torch.full((1, 3, inner, inner), 128, dtype=torch.uint8)
+        with torch.no_grad():
+            framed = model.program.render(samples)
+            pixels = model.program.delta()
+        print(f"wrote {program_picture(pixels, framed, Path(args.png))}", file=sys.stderr)
+    return 0
