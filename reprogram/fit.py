@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import pickle
 import tempfile
 import time
 from collections.abc import Callable
@@ -66,6 +67,13 @@ class _State:
     last_eval_step: int = -1
 
 
+_CHECKPOINT_KEYS = frozenset({
+    "config", "model", "optimizer", "scheduler", "estimator", "oracle", "step", "epoch",
+    "batch_idx", "epoch_gen_state", "history", "best_val", "best_step", "best",
+    "last_eval_step",
+})
+
+
 def _snapshot(model: Reprogrammer) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
@@ -115,12 +123,12 @@ class Fitter:
         if oracle.budget is None and cfg.budget is not None:
             oracle.budget = cfg.budget
         self.x_train = self.model.transform(self.train.images)
-        per_step = self.estimator.queries_per_step * min(cfg.batch_size, len(self.train))
-        lm_cost = len(self.train) if labelmap.needs_fit else 0
-        lm_epochs = (cfg.epochs or 10**9) if labelmap.refit_every_epoch else 1
-        self.total_steps = _planned_steps(cfg, per_step, len(self.train), len(self.val),
-                                          lm_cost * min(lm_epochs, 1))
-        self.per_step = per_step
+        n_train = len(self.train)
+        per_step = self.estimator.queries_per_step * min(cfg.batch_size, n_train)
+        lm_cost = n_train if labelmap.needs_fit else 0
+        if labelmap.refit_every_epoch:  # one more pass over the training set per epoch
+            per_step += math.ceil(n_train / math.ceil(n_train / cfg.batch_size))
+        self.total_steps = _planned_steps(cfg, per_step, n_train, len(self.val), lm_cost)
         self.eval_every = cfg.eval_interval(self.total_steps)
         head = list(labelmap.parameters())
         self.optimizer, self.scheduler = cfg.build_optimizer(program.theta, head,
@@ -147,8 +155,11 @@ class Fitter:
     def restore(self, path: Path) -> None:
         try:
             ck = torch.load(str(path), map_location="cpu", weights_only=True)
-        except (OSError, RuntimeError, EOFError) as exc:
+        except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as exc:
             raise ConfigError(f"cannot read checkpoint {str(path)!r}: {exc}") from exc
+        if not isinstance(ck, dict) or not _CHECKPOINT_KEYS <= set(ck):
+            raise ConfigError(f"expected a checkpoint written by `reprogram fit` at "
+                              f"{str(path)!r}, got another file")
         mine = {k: v for k, v in self.cfg.to_dict().items() if k != "checkpoint"}
         theirs = {k: v for k, v in ck["config"].items() if k != "checkpoint"}
         if mine != theirs:
