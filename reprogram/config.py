@@ -79,8 +79,9 @@ class FitConfig:
             raise ConfigError(f"expected a positive budget, got {self.budget}")
 
     def eval_interval(self, total_steps: int) -> int:
-        """Steps between validations: ``eval_every``, or about 25 evaluations per fit."""
-        return self.eval_every or max(1, total_steps // 25)
+        """Steps between validations: ``eval_every``, or at most 25 evaluations per fit (the
+        number the budget plan reserves)."""
+        return self.eval_every or max(1, -(-total_steps // 25))
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -157,7 +157,7 @@ class Fitter:
             ck = torch.load(str(path), map_location="cpu", weights_only=True)
         except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as exc:
             raise ConfigError(f"cannot read checkpoint {str(path)!r}: {exc}") from exc
-        if not isinstance(ck, dict) or not _CHECKPOINT_KEYS <= set(ck):
+        if not isinstance(ck, dict) or not set(ck) >= _CHECKPOINT_KEYS:
             raise ConfigError(f"expected a checkpoint written by `reprogram fit` at "
                               f"{str(path)!r}, got another file")
         mine = {k: v for k, v in self.cfg.to_dict().items() if k != "checkpoint"}

@@ -1,0 +1,188 @@
+"""The FastAPI application: ``create_app(settings, model=None)``.
+
+The app holds a :class:`~server.inference.Registry` of servable models in ``app.state``
+(later issues add prompt artifacts next to the source model). When no model is passed in,
+the weights are loaded in a worker thread started by the lifespan: the server is live at
+once and ready (``/v2/health/ready`` 200) when loading has finished. Every error is answered
+as JSON ``{"error": "..."}`` with a 4xx status for bad input (413 for bodies over
+``max_body_bytes``, checked from ``Content-Length`` before reading and while reading).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from reprogram.errors import ReprogramError
+from reprogram.zoo.registry import SourceModel, load_model
+from server import routes_v1, routes_v2
+from server.inference import ModelRunner, Registry, TooLarge
+from server.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+
+def error_response(
+    status: int, message: str, headers: Mapping[str, str] | None = None
+) -> JSONResponse:
+    """The one error shape: ``{"error": message}``."""
+    return JSONResponse({"error": message}, status_code=status, headers=dict(headers or {}))
+
+
+class BodyLimitMiddleware:
+    """Reject request bodies over ``max_bytes`` (413) before and while they are read."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None:
+            text = declared.decode("latin-1").strip()
+            if not text.isdigit():
+                response = error_response(400, f"expected an integer Content-Length, got {text!r}")
+                await response(scope, receive, send)
+                return
+            if int(text) > self.max_bytes:
+                response = error_response(
+                    413,
+                    f"expected a body of at most {self.max_bytes} bytes, got Content-Length"
+                    f" {text}; send fewer images per request",
+                    headers={"Connection": "close"},
+                )
+                await response(scope, receive, send)
+                return
+        received = 0
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    raise TooLarge(
+                        f"expected a body of at most {self.max_bytes} bytes, got more;"
+                        " send fewer images per request"
+                    )
+            return message
+
+        await self.app(scope, limited_receive, send)
+
+
+def _status_of(exc: ReprogramError) -> int:
+    status = getattr(exc, "status_code", 400)
+    return status if isinstance(status, int) else 400
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Map every exception to ``{"error": ...}``: 4xx for bad input, 500 otherwise."""
+
+    async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
+        logger.error(
+            "unhandled error on %s %s", request.method, request.url.path, exc_info=exc
+        )
+        return error_response(500, f"internal server error ({type(exc).__name__})")
+
+    async def on_reprogram(request: Request, exc: Exception) -> JSONResponse:
+        if not isinstance(exc, ReprogramError):
+            return await on_unexpected(request, exc)
+        status = _status_of(exc)
+        logger.info("%s %s -> %d: %s", request.method, request.url.path, status, exc)
+        return error_response(status, str(exc))
+
+    async def on_http(request: Request, exc: Exception) -> JSONResponse:
+        if not isinstance(exc, StarletteHTTPException):
+            return await on_unexpected(request, exc)
+        return error_response(exc.status_code, str(exc.detail), headers=exc.headers)
+
+    async def on_validation(request: Request, exc: Exception) -> JSONResponse:
+        if isinstance(exc, RequestValidationError):
+            parts = [
+                f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()[:3]
+            ]
+            return error_response(422, "invalid request: " + "; ".join(parts))
+        return await on_unexpected(request, exc)
+
+    app.add_exception_handler(ReprogramError, on_reprogram)
+    app.add_exception_handler(StarletteHTTPException, on_http)
+    app.add_exception_handler(RequestValidationError, on_validation)
+    app.add_exception_handler(Exception, on_unexpected)
+
+
+def _runner(settings: Settings, model: SourceModel) -> ModelRunner:
+    return ModelRunner(
+        model,
+        output=settings.output,
+        max_batch=settings.max_batch,
+        max_images=settings.max_images_per_request,
+        name=served_name(settings),
+    )
+
+
+def served_name(settings: Settings) -> str:
+    """The V2 name of the source model: ``--name``, else ``default``/``torchvision-ARCH``."""
+    if settings.served_name:
+        return settings.served_name
+    return settings.model.replace("torchvision:", "torchvision-")
+
+
+def load_source(settings: Settings) -> SourceModel:
+    """Load the configured source model (blocking)."""
+    return load_model(settings.model, settings.weights, settings.class_names())
+
+
+async def _load_in_background(app: FastAPI, settings: Settings) -> None:
+    registry: Registry = app.state.registry
+    name = served_name(settings)
+    try:
+        model = await asyncio.to_thread(load_source, settings)
+        registry.add(_runner(settings, model))
+        logger.info("model %r loaded; ready", name)
+    except ReprogramError as exc:
+        logger.error("cannot load model %r: %s", name, exc)
+        registry.mark_failed(name, str(exc))
+
+
+def create_app(settings: Settings | None = None, model: SourceModel | None = None) -> FastAPI:
+    """Build the app; ``model`` (already loaded) skips loading in the lifespan."""
+    settings = settings or Settings()
+    registry = Registry()
+    if model is not None:
+        registry.add(_runner(settings, model))
+    else:
+        registry.mark_loading(served_name(settings))
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        task = None
+        if model is None:
+            task = asyncio.create_task(_load_in_background(app, settings))
+        yield
+        if task is not None and not task.done():
+            task.cancel()
+
+    app = FastAPI(
+        title="reprogram",
+        summary="A frozen image classifier over the Open Inference Protocol (KServe V2)",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.registry = registry
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    install_error_handlers(app)
+    app.include_router(routes_v2.router)
+    app.include_router(routes_v1.router)
+    return app
+

@@ -1,0 +1,150 @@
+"""Native, human-friendly routes: model info and prediction on uploaded PNG/JPEG files.
+
+Each upload is decoded with Pillow (PNG or JPEG only), its header checked against the pixel
+cap before the pixels are decoded (decompression bombs), converted to RGB and resized to the
+model's input size with bilinear filtering. Scores follow the operator's output kind: the
+``score`` is a probability (``probs``/``topk:K``), a logit (``logits``) or ``None``
+(``label``, which returns only the predicted label).
+"""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+import numpy as np
+from fastapi import APIRouter, Query, Request
+from fastapi.concurrency import run_in_threadpool
+from PIL import Image, UnidentifiedImageError
+from starlette.datastructures import UploadFile
+
+from reprogram.errors import ProtocolError
+from server.inference import Registry, Servable, TooLarge, UnsupportedMedia, top_entries
+
+router = APIRouter(prefix="/v1", tags=["v1"])
+
+FORMATS = ("PNG", "JPEG")
+FIELD = "files"
+MAGIC = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff")
+
+_PREDICT_OPENAPI: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "properties": {
+                        FIELD: {"type": "array", "items": {"type": "string", "format": "binary"}}
+                    },
+                    "required": [FIELD],
+                }
+            }
+        },
+    }
+}
+
+
+def _registry(request: Request) -> Registry:
+    registry: Registry = request.app.state.registry
+    return registry
+
+
+@router.get("/models")
+def list_models(request: Request) -> dict[str, list[str]]:
+    """Names of the served models."""
+    return {"models": _registry(request).names()}
+
+
+@router.get("/models/{model_name}")
+def model_info(model_name: str, request: Request) -> dict[str, Any]:
+    """Class names, input size, output kind, preprocessing and limits of one model."""
+    return _registry(request).get(model_name).info()
+
+
+@router.post("/models/{model_name}/predict", openapi_extra=_PREDICT_OPENAPI)
+async def predict(
+    model_name: str,
+    request: Request,
+    top_k: int = Query(5, ge=1, le=1000, description="labels to return per image"),
+) -> dict[str, Any]:
+    """Classify uploaded images (multipart field ``files``, repeated)."""
+    servable = _registry(request).get(model_name)
+    settings = request.app.state.settings
+    if "multipart/form-data" not in request.headers.get("content-type", ""):
+        raise ProtocolError(
+            f"expected a multipart/form-data upload with field {FIELD!r}, got content type"
+            f" {request.headers.get('content-type')!r}"
+        )
+    async with request.form(max_files=servable.max_images, max_fields=servable.max_images) as form:
+        uploads = form.getlist(FIELD)
+        if not uploads:
+            raise ProtocolError(
+                f"expected one or more files in multipart field {FIELD!r}, got none"
+            )
+        files: list[tuple[str, bytes]] = []
+        for item in uploads:
+            if not isinstance(item, UploadFile):
+                raise ProtocolError(f"expected file uploads in field {FIELD!r}, got a text value")
+            files.append((item.filename or "", await item.read()))
+    return await run_in_threadpool(
+        _predict, servable, files, top_k, settings.max_image_pixels
+    )
+
+
+def _predict(
+    servable: Servable, files: list[tuple[str, bytes]], top_k: int, max_pixels: int
+) -> dict[str, Any]:
+    batch = np.stack(
+        [decode_image(data, name, servable.input_size, max_pixels) for name, data in files]
+    )
+    scores = servable.infer(batch)
+    tops = top_entries(scores, top_k, servable.class_names, servable.output)
+    return {
+        "model": servable.name,
+        "output_kind": str(servable.output),
+        "predictions": [
+            {"filename": name, "top": top} for (name, _), top in zip(files, tops, strict=True)
+        ],
+    }
+
+
+def decode_image(
+    data: bytes, filename: str, size: tuple[int, int], max_pixels: int
+) -> np.ndarray:
+    """Decode a PNG/JPEG upload into uint8 ``[3, H, W]`` at the model's input ``size``."""
+    label = repr(filename) if filename else "upload"
+    if not data:
+        raise ProtocolError(f"expected a PNG or JPEG image in {label}, got an empty file")
+    try:
+        img = Image.open(io.BytesIO(data), formats=FORMATS)
+    except UnidentifiedImageError as exc:
+        if data.startswith(MAGIC):  # claims to be PNG/JPEG: broken, not unsupported
+            raise _broken(label, exc) from None
+        raise UnsupportedMedia(
+            f"expected a PNG or JPEG image in {label}, got an unrecognised file"
+        ) from None
+    except Image.DecompressionBombError:
+        raise TooLarge(f"expected an image of at most {max_pixels} pixels in {label}") from None
+    except Exception as exc:  # untrusted bytes: any decoder failure is the client's
+        raise _broken(label, exc) from None
+    if img.width * img.height > max_pixels:
+        raise TooLarge(
+            f"expected at most {max_pixels} pixels in {label}, got {img.width}x{img.height}"
+        )
+    try:
+        img.load()
+        rgb = img.convert("RGB")
+    except Exception as exc:  # truncated or corrupt pixel data
+        raise _broken(label, exc) from None
+    h, w = size
+    if rgb.size != (w, h):
+        rgb = rgb.resize((w, h), Image.Resampling.BILINEAR)
+    return np.asarray(rgb, dtype=np.uint8).transpose(2, 0, 1).copy()
+
+
+def _broken(label: str, exc: Exception) -> ProtocolError:
+    return ProtocolError(
+        f"expected a decodable PNG or JPEG image in {label}, got a broken or truncated file"
+        f" ({type(exc).__name__}: {exc})"
+    )
