@@ -16,6 +16,7 @@ from typing import Any, NoReturn
 import torch
 
 from reprogram.errors import ReprogramError
+from reprogram.serving import add_serve_parser, cmd_serve
 
 log = logging.getLogger("reprogram")
 EXIT_USAGE, EXIT_ERROR, EXIT_INTERRUPTED = 2, 1, 130
@@ -43,6 +44,8 @@ def _model_args(p: argparse.ArgumentParser) -> None:
                         "topk:K, label (default: probs)")
     g.add_argument("--wire", choices=("uint8", "fp32"), default="uint8",
                    help="image datatype sent to the model (default: uint8, as real APIs)")
+    g.add_argument("--max-requests", type=int, default=None,
+                   help="cap on the number of model requests (default: no cap)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(f)
     f.add_argument("--data", required=True, help="'digits', 'squares' or a class-per-folder dir")
     f.add_argument("--out", default="prompt.safetensors", help="artifact path")
-    f.add_argument("--program", choices=("pad", "patch", "full"), default="pad")
+    f.add_argument("--program", choices=("pad", "patch", "full"), default=None)
     f.add_argument("--inner-size", type=int, default=None,
                    help="side of the resized target image (default: half the frame)")
     f.add_argument("--resolution", type=int, default=None,
@@ -103,6 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--png", default=None, help="write a picture of the program to this file")
     i.add_argument("--data", default=None, help="dataset for sample images in the picture")
 
+    add_serve_parser(sub, _model_args)
     return parser
 
 
@@ -117,12 +121,13 @@ def make_oracle(args: argparse.Namespace, budget: int | None = None) -> Any:
 
         return HttpOracle(args.endpoint, model=args.endpoint_model,
                           api_key=args.api_key or os.environ.get("REPROGRAM_API_KEY"),
-                          wire=args.wire, budget=budget)
+                          wire=args.wire, budget=budget, max_requests=args.max_requests)
     from reprogram.oracles import LocalOracle
     from reprogram.zoo.registry import load_model
 
     model = load_model(args.model or "default", args.weights)
-    return LocalOracle(model, output=args.output, quantize=args.wire == "uint8", budget=budget)
+    return LocalOracle(model, output=args.output, quantize=args.wire == "uint8", budget=budget,
+                       max_requests=args.max_requests)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -137,7 +142,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return commands.cmd_inspect(args)
         oracle = make_oracle(args)
         handler = {"fit": commands.cmd_fit, "eval": commands.cmd_eval,
-                   "apply": commands.cmd_apply}[args.command]
+                   "apply": commands.cmd_apply, "serve": cmd_serve}[args.command]
         return handler(args, oracle)
     except ReprogramError as exc:
         print(f"reprogram {args.command}: error: {exc}", file=sys.stderr)

@@ -78,11 +78,6 @@ class FitConfig:
         if self.budget is not None and self.budget < 1:
             raise ConfigError(f"expected a positive budget, got {self.budget}")
 
-    def eval_interval(self, total_steps: int) -> int:
-        """Steps between validations: ``eval_every``, or at most 25 evaluations per fit (the
-        number the budget plan reserves)."""
-        return self.eval_every or max(1, -(-total_steps // 25))
-
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
@@ -92,7 +87,9 @@ class FitConfig:
         return cls(**{k: v for k, v in d.items() if k in known})
 
     def program_spec(self, frame_size: tuple[int, int]) -> ProgramSpec:
-        inner = self.inner_size or max(1, min(frame_size) // 2)
+        # default: the target image fills a full-frame overlay, or half the frame inside a pad
+        inner = self.inner_size or (min(frame_size) if self.program == "full"
+                                    else max(1, min(frame_size) // 2))
         return ProgramSpec(kind=self.program, frame_size=frame_size, inner_size=inner,
                            resolution=self.resolution, mask=self.mask)
 
@@ -132,11 +129,16 @@ class FitConfig:
 # The defaults that learned fastest per query on the default model and digits (see the README's
 # results section for the measurements behind them).
 RECOMMENDED: dict[str, dict[str, Any]] = {
-    "autograd": {"labelmap": "frequency", "optimizer": "adam", "lr": 0.05, "batch_size": 32},
-    "rgf": {"labelmap": "frequency", "optimizer": "adam", "lr": 0.05, "batch_size": 32,
-            "q": 10, "mu": 0.5, "antithetic": False},
-    "spsa": {"labelmap": "frequency", "optimizer": "spsa-gc", "lr": 0.01, "batch_size": 32,
-             "spsa_c": 0.05},
+    "autograd": {"program": "pad", "labelmap": "linear", "optimizer": "adam", "lr": 0.05,
+                 "batch_size": 32},
+    # black-box: a full-frame overlay on an 8x8 grid (d = 192), the target image filling the
+    # frame, a learned linear label map (exact gradient), RGF with a radius that survives the
+    # 8-bit wire, and Adam
+    "rgf": {"program": "full", "resolution": 8, "labelmap": "linear",
+            "optimizer": "adam", "lr": 0.05, "batch_size": 32, "q": 10, "mu": 1.0,
+            "antithetic": False},
+    "spsa": {"program": "full", "resolution": 8, "labelmap": "linear",
+             "optimizer": "adam", "lr": 0.05, "batch_size": 32, "spsa_c": 0.05},
 }
 
 

@@ -90,19 +90,30 @@ def _save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
         raise
 
 
-def _planned_steps(cfg: FitConfig, per_step: int, n_train: int, n_val: int,
-                   labelmap_cost: int) -> int:
-    """Steps the fit will take: from epochs, from the budget, or the smaller of both."""
+MAX_EVALUATIONS = 25
+EVAL_SHARE = 0.1
+
+
+def plan(cfg: FitConfig, per_step: int, n_train: int, n_val: int,
+         labelmap_cost: int) -> tuple[int, int]:
+    """``(total steps, steps between validations)`` from epochs, the budget, or both.
+
+    Unless ``eval_every`` is set, a fit validates at most 25 times and, under a budget, spends
+    at most about 10% of it on validation; one final validation is always reserved.
+    """
     per_epoch = math.ceil(n_train / cfg.batch_size)
     steps = cfg.epochs * per_epoch if cfg.epochs else None
+    n_evals = MAX_EVALUATIONS
     if cfg.budget is not None:
         spendable = cfg.budget - n_val - labelmap_cost
         if cfg.eval_every is not None:
             by_budget = int(spendable / (per_step + n_val / cfg.eval_every))
-        else:  # about 25 evaluations in all
-            by_budget = int((spendable - 25 * n_val) / per_step)
+        else:
+            n_evals = max(1, min(MAX_EVALUATIONS, int(EVAL_SHARE * spendable / max(n_val, 1))))
+            by_budget = int((spendable - n_evals * n_val) / per_step)
         steps = by_budget if steps is None else min(steps, by_budget)
-    return max(int(steps or 0), 1)
+    total = max(int(steps or 0), 1)
+    return total, cfg.eval_every or max(1, -(-total // n_evals))
 
 
 class Fitter:
@@ -117,19 +128,20 @@ class Fitter:
         info = oracle.info
         program = build_program(cfg.program_spec(info.input_size), seed=cfg.seed)
         labelmap = build_labelmap(cfg.labelmap_spec(info.num_classes, data.num_classes))
-        self.model = Reprogrammer(program, labelmap, floor=cfg.floor)
+        self.model = Reprogrammer(program, labelmap, floor=cfg.floor).to(oracle.device)
         self.estimator = cfg.build_estimator()
         self.estimator.check(oracle.differentiable)
         if oracle.budget is None and cfg.budget is not None:
             oracle.budget = cfg.budget
         self.x_train = self.model.transform(self.train.images)
+        self.y_train = self.train.labels.to(oracle.device)
         n_train = len(self.train)
         per_step = self.estimator.queries_per_step * min(cfg.batch_size, n_train)
         lm_cost = n_train if labelmap.needs_fit else 0
         if labelmap.refit_every_epoch:  # one more pass over the training set per epoch
             per_step += math.ceil(n_train / math.ceil(n_train / cfg.batch_size))
-        self.total_steps = _planned_steps(cfg, per_step, n_train, len(self.val), lm_cost)
-        self.eval_every = cfg.eval_interval(self.total_steps)
+        self.total_steps, self.eval_every = plan(cfg, per_step, n_train, len(self.val),
+                                                 lm_cost)
         head = list(labelmap.parameters())
         self.optimizer, self.scheduler = cfg.build_optimizer(program.theta, head,
                                                              self.total_steps)
@@ -223,7 +235,7 @@ class Fitter:
             cost = self.estimator.queries_per_step * len(idx)
             if not self.oracle.can_afford(cost + reserve):
                 return "budget"
-            objective = self.model.objective(self.x_train[idx], self.train.labels[idx],
+            objective = self.model.objective(self.x_train[idx], self.y_train[idx],
                                               self.oracle)
             loss, grad = self.estimator.value_and_grad(objective, self.model.program.theta)
             self.optimizer.zero_grad(set_to_none=True)
@@ -276,19 +288,23 @@ def fit(
         reason = "budget"
     s = fitter.state
     if s.last_eval_step != s.step and oracle.can_afford(len(fitter.val)):
-        fitter._evaluate(None)
+        try:
+            fitter._evaluate(None)
+        except BudgetExhausted as exc:  # the request cap can end what the image budget allows
+            log.info("no final validation: %s", exc)
     if cfg.checkpoint:
         _save_checkpoint(Path(cfg.checkpoint), fitter.checkpoint_payload())
     model = fitter.model
     if s.best_tensors:
         model.load_state_dict(s.best_tensors)
     train_queries = oracle.images_used
-    budget, oracle.budget = oracle.budget, None
+    budget, oracle.budget = oracle.budget, None  # the test split is counted apart
+    max_requests, oracle.max_requests = oracle.max_requests, None
     try:
         test_acc = model.accuracy(fitter.test.images, fitter.test.labels, oracle) if len(
             fitter.test) else None
     finally:
-        oracle.budget = budget
+        oracle.budget, oracle.max_requests = budget, max_requests
     queries = {"images": train_queries, "requests": oracle.requests_used,
                "test_images": oracle.images_used - train_queries}
     info = oracle.info

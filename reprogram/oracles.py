@@ -113,6 +113,11 @@ class Oracle(ABC):
     def differentiable(self) -> bool:
         """Whether gradients flow from the scores back to the input images."""
 
+    @property
+    def device(self) -> torch.device:
+        """Where the oracle wants its input images and returns its scores."""
+        return torch.device("cpu")
+
     @abstractmethod
     def _query(self, x: torch.Tensor) -> tuple[torch.Tensor, int]:
         """Scores ``[N, K_s]`` for validated images, and the number of requests it took."""
@@ -168,12 +173,14 @@ class LocalOracle(Oracle):
         max_batch: int = 1024,
         budget: int | None = None,
         max_requests: int | None = None,
+        device: str | torch.device = "cpu",
     ) -> None:
         super().__init__(budget=budget, max_requests=max_requests)
+        self._device = torch.device(device)
         parse_output_kind(output)
         if max_batch < 1:
             raise ConfigError(f"expected max_batch >= 1, got {max_batch}")
-        self.model = model
+        self.model = SourceModel(model.module.to(self._device), model.meta)
         self.quantize = quantize
         self.max_batch = max_batch
         self._info = ModelInfo(
@@ -193,7 +200,12 @@ class LocalOracle(Oracle):
     def differentiable(self) -> bool:
         return self._info.base_kind in ("probs", "logits")
 
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
     def _query(self, x: torch.Tensor) -> tuple[torch.Tensor, int]:
+        x = x.to(self._device)
         if self.quantize:
             x = quantize_uint8(x)
         chunks = [self.model.module(x[i : i + self.max_batch])

@@ -31,7 +31,7 @@ class Reprogrammer(nn.Module):
 
     def transform(self, images: Tensor) -> Tensor:
         """Raw target images (uint8 or [0,1]) -> the program's input ``[N,3,inner,inner]``."""
-        return self.program.input_transform(images)
+        return self.program.input_transform(images).to(self.program.theta.device)
 
     def candidate_logits(self, x_t: Tensor, thetas: Tensor, oracle: Oracle) -> Tensor:
         """Target logits ``[P, N, K_t]`` for P candidate programs, in ONE oracle query."""
@@ -48,7 +48,8 @@ class Reprogrammer(nn.Module):
         def losses(thetas: Tensor) -> Tensor:
             logits = self.candidate_logits(x_t, thetas, oracle)
             p, n = logits.shape[:2]
-            ce = F.cross_entropy(logits.flatten(0, 1), labels.repeat(p), reduction="none")
+            target = labels.to(logits.device).repeat(p)
+            ce = F.cross_entropy(logits.flatten(0, 1), target, reduction="none")
             return ce.view(p, n).mean(dim=1)
 
         return losses
@@ -82,11 +83,11 @@ class Reprogrammer(nn.Module):
         if len(labels) == 0:
             return 0.0
         pred = self.predict_logits(images, oracle, batch_size).argmax(-1)
-        return float((pred == labels).float().mean())
+        return float((pred.cpu() == labels.cpu()).float().mean())
 
     @torch.no_grad()
     def fit_labelmap(self, images: Tensor, labels: Tensor, oracle: Oracle,
                      batch_size: int = 256) -> None:
         """Frequency label mapping under the current program (BAR / ILM-VP)."""
         scores = self.source_scores(images, oracle, batch_size)
-        self.labelmap.fit(scores.argmax(-1), labels)
+        self.labelmap.fit(scores.argmax(-1).cpu(), labels.cpu())

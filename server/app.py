@@ -1,9 +1,13 @@
 """The FastAPI application: ``create_app(settings, model=None)``.
 
-The app holds a :class:`~server.inference.Registry` of servable models in ``app.state``
-(later issues add prompt artifacts next to the source model). When no model is passed in,
-the weights are loaded in a worker thread started by the lifespan: the server is live at
-once and ready (``/v2/health/ready`` 200) when loading has finished. Every error is answered
+The app holds a :class:`~server.inference.Registry` of servable models in ``app.state``:
+the source model and every hosted prompt (``app.state.prompts``, a
+:class:`~server.prompt_store.PromptStore`). The source is a frozen model (``model``, or loaded
+from ``settings`` in a worker thread started by the lifespan: the server is live at once and
+ready (``/v2/health/ready`` 200) when the model and the stored prompts are loaded) or any
+:class:`~reprogram.oracles.Oracle` (``oracle``: ``reprogram serve`` proxies an API this way).
+Hosted prompts query the source through one shared oracle: on a model, a ``LocalOracle`` over
+the same model object with the server's output kind and 8-bit quantization. Every error is answered
 as JSON ``{"error": "..."}`` with a 4xx status for bad input (413 for bodies over
 ``max_body_bytes``, checked from ``Content-Length`` before reading and while reading).
 """
@@ -21,10 +25,13 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from reprogram.errors import ReprogramError
+from reprogram.errors import ConfigError, ReprogramError
+from reprogram.oracles import LocalOracle, Oracle
 from reprogram.zoo.registry import SourceModel, load_model
-from server import routes_v1, routes_v2
+from server import routes_prompts, routes_v1, routes_v2
+from server.hosted import OracleServable, SharedOracle
 from server.inference import ModelRunner, Registry, TooLarge
+from server.prompt_store import PromptStore
 from server.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -143,31 +150,59 @@ def load_source(settings: Settings) -> SourceModel:
     return load_model(settings.model, settings.weights, settings.class_names())
 
 
+def _serve_model(registry: Registry, store: PromptStore, settings: Settings,
+                 model: SourceModel) -> None:
+    """Serve ``model`` and the stored prompts; the source is added last (it makes us ready)."""
+    oracle = LocalOracle(model, output=str(settings.output), quantize=True,
+                         max_batch=settings.max_batch)
+    store.attach(SharedOracle(oracle))
+    store.load_directory()
+    registry.add(_runner(settings, model))
+
+
+def _serve_oracle(registry: Registry, store: PromptStore, settings: Settings,
+                  oracle: Oracle) -> None:
+    shared = SharedOracle(oracle)
+    store.attach(shared)
+    store.load_directory()
+    registry.add(OracleServable(shared, name=settings.served_name,
+                                max_images=settings.max_images_per_request))
+
+
 async def _load_in_background(app: FastAPI, settings: Settings) -> None:
     registry: Registry = app.state.registry
     name = served_name(settings)
     try:
         model = await asyncio.to_thread(load_source, settings)
-        registry.add(_runner(settings, model))
+        await asyncio.to_thread(_serve_model, registry, app.state.prompts, settings, model)
         logger.info("model %r loaded; ready", name)
     except ReprogramError as exc:
         logger.error("cannot load model %r: %s", name, exc)
         registry.mark_failed(name, str(exc))
 
 
-def create_app(settings: Settings | None = None, model: SourceModel | None = None) -> FastAPI:
-    """Build the app; ``model`` (already loaded) skips loading in the lifespan."""
+def create_app(settings: Settings | None = None, model: SourceModel | None = None, *,
+               oracle: Oracle | None = None) -> FastAPI:
+    """Build the app on a source: ``model`` (already loaded), ``oracle``, or neither (the
+    model in ``settings`` is loaded in the lifespan)."""
     settings = settings or Settings()
+    if model is not None and oracle is not None:
+        raise ConfigError("expected a model or an oracle as the source, got both")
     registry = Registry()
+    store = PromptStore(registry, settings.prompts_dir, max_bytes=settings.max_prompt_bytes,
+                        max_images=settings.max_images_per_request,
+                        max_pixels=settings.max_image_pixels)
     if model is not None:
-        registry.add(_runner(settings, model))
+        _serve_model(registry, store, settings, model)
+    elif oracle is not None:
+        _serve_oracle(registry, store, settings, oracle)
     else:
         registry.mark_loading(served_name(settings))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         task = None
-        if model is None:
+        if model is None and oracle is None:
             task = asyncio.create_task(_load_in_background(app, settings))
         yield
         if task is not None and not task.done():
@@ -180,9 +215,11 @@ def create_app(settings: Settings | None = None, model: SourceModel | None = Non
     )
     app.state.settings = settings
     app.state.registry = registry
+    app.state.prompts = store
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     install_error_handlers(app)
     app.include_router(routes_v2.router)
     app.include_router(routes_v1.router)
+    app.include_router(routes_prompts.router)
     return app
 

@@ -264,6 +264,11 @@ class Registry:
             self._models[servable.name] = servable
             self._pending.pop(servable.name, None)
 
+    def remove(self, name: str) -> bool:
+        """Unregister a servable; False if there was none of that name."""
+        with self._lock:
+            return self._models.pop(name, None) is not None
+
     def mark_loading(self, name: str) -> None:
         with self._lock:
             self._pending[name] = None

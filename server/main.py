@@ -47,6 +47,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes)
     p.add_argument("--max-image-pixels", type=int, default=d.max_image_pixels)
+    p.add_argument("--prompts-dir", default="prompts",
+                   help="folder of hosted prompts, created on the first upload (default:"
+                        " ./prompts)")
+    p.add_argument("--max-prompt-bytes", type=int, default=d.max_prompt_bytes,
+                   help="size cap of an uploaded prompt file")
     p.add_argument("--host", default=d.host)
     p.add_argument("--port", type=int, default=d.port)
     p.add_argument("--log-level", default=d.log_level, choices=LOG_LEVELS)
@@ -66,6 +71,8 @@ def parse_settings(argv: Sequence[str] | None = None) -> Settings:
         max_images_per_request=args.max_images,
         max_body_bytes=args.max_body_bytes,
         max_image_pixels=args.max_image_pixels,
+        prompts_dir=args.prompts_dir,
+        max_prompt_bytes=args.max_prompt_bytes,
         host=args.host,
         port=args.port,
         log_level=args.log_level,

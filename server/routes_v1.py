@@ -52,8 +52,10 @@ def _registry(request: Request) -> Registry:
 
 @router.get("/models")
 def list_models(request: Request) -> dict[str, list[str]]:
-    """Names of the served models."""
-    return {"models": _registry(request).names()}
+    """Names of the served source models (hosted prompts are listed at ``/v1/prompts``)."""
+    store = getattr(request.app.state, "prompts", None)
+    prompts = {p.name for p in store.list()} if store is not None else set()
+    return {"models": [n for n in _registry(request).names() if n not in prompts]}
 
 
 @router.get("/models/{model_name}")
@@ -110,9 +112,9 @@ def _predict(
 
 
 def decode_image(
-    data: bytes, filename: str, size: tuple[int, int], max_pixels: int
+    data: bytes, filename: str, size: tuple[int, int] | None, max_pixels: int
 ) -> np.ndarray:
-    """Decode a PNG/JPEG upload into uint8 ``[3, H, W]`` at the model's input ``size``."""
+    """Decode a PNG/JPEG upload into uint8 ``[3, H, W]`` at ``size`` (None: its own size)."""
     label = repr(filename) if filename else "upload"
     if not data:
         raise ProtocolError(f"expected a PNG or JPEG image in {label}, got an empty file")
@@ -137,9 +139,8 @@ def decode_image(
         rgb = img.convert("RGB")
     except Exception as exc:  # truncated or corrupt pixel data
         raise _broken(label, exc) from None
-    h, w = size
-    if rgb.size != (w, h):
-        rgb = rgb.resize((w, h), Image.Resampling.BILINEAR)
+    if size is not None and rgb.size != (size[1], size[0]):
+        rgb = rgb.resize((size[1], size[0]), Image.Resampling.BILINEAR)
     return np.asarray(rgb, dtype=np.uint8).transpose(2, 0, 1).copy()
 
 

@@ -65,7 +65,11 @@ def _positive(name: str, value: int) -> None:
 
 @dataclass(frozen=True, kw_only=True)
 class Settings:
-    """Everything the operator chooses when starting the server."""
+    """Everything the operator chooses when starting the server.
+
+    ``prompts_dir``: where uploaded prompts are stored and loaded from at startup (``None``:
+    in memory only, lost on restart); ``max_prompt_bytes``: the upload cap for a prompt file.
+    """
 
     model: str = "default"
     weights: str | None = None
@@ -76,6 +80,8 @@ class Settings:
     max_images_per_request: int = 4096
     max_body_bytes: int = 64 * 1024 * 1024
     max_image_pixels: int = 4096 * 4096
+    prompts_dir: str | None = None
+    max_prompt_bytes: int = 16 * 1024 * 1024
     host: str = "127.0.0.1"
     port: int = 8000
     log_level: LogLevel = "info"
@@ -83,7 +89,8 @@ class Settings:
     def __post_init__(self) -> None:
         if isinstance(self.output, str):  # accept "topk:3" for convenience
             object.__setattr__(self, "output", OutputKind.parse(self.output))
-        for name in ("max_batch", "max_images_per_request", "max_body_bytes", "max_image_pixels"):
+        for name in ("max_batch", "max_images_per_request", "max_body_bytes", "max_image_pixels",
+                     "max_prompt_bytes"):
             _positive(name, getattr(self, name))
         if isinstance(self.port, bool) or not isinstance(self.port, int):
             raise ConfigError(f"expected an integer port, got {self.port!r}")

@@ -16,7 +16,7 @@ from reprogram.config import RECOMMENDED, FitConfig, recommended_config
 from reprogram.data import TargetDataset, load_digits
 from reprogram.errors import ConfigError, EstimatorError
 from reprogram.estimators import RGFEstimator, SPSAEstimator
-from reprogram.fit import FitResult, Fitter, fit
+from reprogram.fit import FitResult, Fitter, fit, plan
 from reprogram.oracles import LocalOracle, ModelInfo, Oracle
 from reprogram.zoo.registry import SourceModel, load_model
 
@@ -119,9 +119,17 @@ def test_config_validation() -> None:
     for kw in bad:
         with pytest.raises(ConfigError, match="expected"):
             FitConfig(**kw)
-    assert FitConfig(epochs=1, eval_every=7).eval_interval(1000) == 7
-    for total, interval in ((1, 1), (25, 1), (26, 2), (42, 2), (100, 4), (101, 5)):
-        assert FitConfig(epochs=1).eval_interval(total) == interval
+    assert plan(FitConfig(epochs=1, eval_every=7), 10, 1000, 100, 0) == (32, 7)
+    for n_train, interval in ((32, 1), (25 * 32, 1), (26 * 32, 2), (100 * 32, 4),
+                              (101 * 32, 5)):  # epochs only: at most 25 validations
+        assert plan(FitConfig(epochs=1), 32, n_train, 100, 0) == (n_train // 32, interval)
+    # a budget: validation takes at most ~10% of it, and the steps use the rest
+    steps, every = plan(FitConfig(budget=100_000), 352, 1000, 270, 0)
+    n_evals = -(-steps // every)
+    assert n_evals * 270 <= 0.1 * 100_000 and steps * 352 + (n_evals + 1) * 270 <= 100_000
+    small_steps, small_every = plan(FitConfig(budget=5_000), 32, 1000, 270, 0)
+    assert small_steps * 32 + 270 * (-(-small_steps // small_every) + 1) <= 5_000
+    assert small_steps >= 100
     spec = FitConfig(epochs=1).program_spec((32, 32))
     assert spec.inner_size == 16 and spec.frame_size == (32, 32)
     est = _cfg(estimator="rgf", antithetic=True).build_estimator()
@@ -133,7 +141,7 @@ def test_config_validation() -> None:
 
 def test_recommended_config() -> None:
     cfg = recommended_config("spsa", budget=1000, lr=None, seed=5)
-    assert cfg.estimator == "spsa" and cfg.optimizer == "spsa-gc"
+    assert cfg.estimator == "spsa" and cfg.optimizer == RECOMMENDED["spsa"]["optimizer"]
     assert cfg.lr == RECOMMENDED["spsa"]["lr"]  # None overrides keep the default
     assert (cfg.budget, cfg.seed) == (1000, 5)
     assert recommended_config("rgf", epochs=2, q=3).q == 3
@@ -373,9 +381,11 @@ def test_budget_plan_matches_the_steps_taken(model: SourceModel, data: TargetDat
     """The planned step count (the cosine schedule's length) is what the budget pays for."""
     cfg = _cfg(estimator="rgf", labelmap=labelmap, epochs=None, budget=budget,
                eval_every=eval_every, batch_size=batch_size)
-    planned = Fitter(cfg, LocalOracle(model), data).total_steps
+    fitter = Fitter(cfg, LocalOracle(model), data)
+    planned, n_val = fitter.total_steps, len(fitter.val)
     result = fit(cfg, LocalOracle(model), data)
     assert result.queries["images"] <= budget
     assert result.steps == planned > 16  # more than two epochs, so iterative re-fits
-    if eval_every is None:
-        assert 20 <= len(result.history) <= 26  # the initial evaluation and about 25 more
+    if eval_every is None:  # at most 25 validations after the initial one, ~10% of the budget
+        assert 2 <= len(result.history) <= 26
+        assert (len(result.history) - 2) * n_val <= 0.1 * budget
