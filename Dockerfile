@@ -20,7 +20,9 @@ COPY server ./server
 RUN pip install . \
     && useradd --create-home --uid 10001 app
 
+# Hosted prompts are written to ./prompts, i.e. /home/app/prompts (mount a volume to keep them).
 USER app
+WORKDIR /home/app
 EXPOSE 8000
 
 HEALTHCHECK --interval=30s --timeout=5s --start-period=30s --retries=3 \

@@ -49,7 +49,8 @@ def _model_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="reprogram", description=__doc__.split("\n")[0])
+    parser = _Parser(prog="reprogram", description="Fit, evaluate, apply, inspect and serve "
+                     "prompts that reprogram a frozen image classifier.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log more")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
@@ -57,13 +58,17 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(f)
     f.add_argument("--data", required=True, help="'digits', 'squares' or a class-per-folder dir")
     f.add_argument("--out", default="prompt.safetensors", help="artifact path")
-    f.add_argument("--program", choices=("pad", "patch", "full"), default=None)
+    f.add_argument("--program", choices=("pad", "patch", "full"), default=None,
+                   help="pad: learnable border; patch: corner patch; full: overlay on the "
+                        "whole frame (default: pad for autograd, full for rgf/spsa)")
     f.add_argument("--inner-size", type=int, default=None,
-                   help="side of the resized target image (default: half the frame)")
+                   help="side of the resized target image (default: the frame for full, "
+                        "half the frame for pad/patch)")
     f.add_argument("--resolution", type=int, default=None,
                    help="learn the program on an RxR grid upsampled to the frame")
     f.add_argument("--labelmap", default=None,
-                   choices=("first", "random", "frequency", "iterative", "linear"))
+                   choices=("first", "random", "frequency", "iterative", "linear"),
+                   help="source-to-target label mapping (default: linear, learned)")
     f.add_argument("--sources-per-target", type=int, default=1)
     f.add_argument("--estimator", choices=("autograd", "rgf", "spsa"), default=None,
                    help="gradient estimator (default: autograd for a local model, rgf for "

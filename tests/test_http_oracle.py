@@ -51,8 +51,9 @@ def model() -> SourceModel:
 
 @pytest.fixture(scope="module")
 def base_url(live_server: Callable[..., str]) -> str:
-    """A real server whose request cap (7 images) forces chunking."""
-    return live_server("--max-images", "7", "--log-level", "warning")
+    """A real server whose request cap (7 images) forces chunking, serving its model under a
+    name the client has to discover."""
+    return live_server("--max-images", "7", "--name", "shapes", "--log-level", "warning")
 
 
 def _images(n: int, seed: int = 0) -> torch.Tensor:
@@ -71,6 +72,7 @@ def test_discovery_from_real_server(base_url: str, model: SourceModel) -> None:
         info = oracle.info
         assert info.input_size == (32, 32)
         assert info.class_names == model.meta.class_names
+        assert oracle.model_name == info.name == "shapes"  # found in the server's listing
         assert info.output_kind == "probs" and info.wire_dtype == "uint8"
         assert oracle.max_batch == 7  # the server's max_batch_size
         assert info.fingerprint["weights_sha256"] == model.meta.weights_sha256
@@ -175,13 +177,6 @@ def test_model_name_discovered_when_not_given(listing: str) -> None:
         assert oracle.model_name == name and oracle.info.name == name
         oracle.query(_images(2))
         assert fake.requests()[-1].path == f"/v2/models/{name}/infer"
-
-
-def test_model_name_discovered_from_real_server(live_server: Callable[..., str]) -> None:
-    url = live_server("--name", "shapes", "--log-level", "warning")
-    with HttpOracle(url) as oracle:
-        assert oracle.model_name == "shapes"
-        assert oracle.query(_images(2)).shape == (2, 10)
 
 
 def test_wire_the_server_does_not_take_is_a_clear_error() -> None:
