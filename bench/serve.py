@@ -12,10 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
-import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -25,6 +22,7 @@ import httpx
 import numpy as np
 import torch
 
+from bench.common import server_process
 from reprogram import protocol
 from reprogram.zoo.registry import load_model
 from reprogram.zoo.shapes import generate_shapes
@@ -44,13 +42,6 @@ class Row:
     http_ips: float
     http_ms: float
     max_diff: float
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def _interleaved(
@@ -83,20 +74,6 @@ def _http_call(client: httpx.Client, x: np.ndarray) -> Callable[[], np.ndarray]:
     return call
 
 
-def _wait_ready(base: str, proc: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + READY_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with status {proc.returncode}")
-        try:
-            if httpx.get(f"{base}/v2/health/ready", timeout=2.0).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.1)
-    raise RuntimeError(f"server not ready after {READY_TIMEOUT_S:.0f} s")
-
-
 def run(
     batches: Sequence[int], requests: int, warmup: int, threads: int | None = None
 ) -> list[Row]:
@@ -107,33 +84,20 @@ def run(
         env["OMP_NUM_THREADS"] = str(threads)
     images = generate_shapes(max(batches), seed=0)[0].numpy()
     runner = ModelRunner(load_model(), output=OutputKind(), max_batch=256, max_images=4096)
-    port = _free_port()
-    base = f"http://127.0.0.1:{port}"
-    cmd = [sys.executable, "-m", "server.main", "--host", "127.0.0.1", "--port", str(port),
-           "--max-batch", "256", "--log-level", "warning"]
     rows = []
-    with tempfile.TemporaryFile() as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-        try:
-            _wait_ready(base, proc)
-            with httpx.Client(base_url=base, timeout=60.0) as client:
-                for b in batches:
-                    x = images[:b]
-                    call = _http_call(client, x)
-                    diff = float(np.abs(call() - runner.infer(x)).max())
-                    def local_call(x: np.ndarray = x) -> np.ndarray:
-                        return runner.infer(x)
+    with server_process(["--max-batch", "256"], env=env) as base, \
+            httpx.Client(base_url=base, timeout=60.0) as client:
+        for b in batches:
+            x = images[:b]
+            call = _http_call(client, x)
+            diff = float(np.abs(call() - runner.infer(x)).max())
 
-                    local, remote = _interleaved([local_call, call], requests, warmup, rounds=5)
-                    rows.append(Row(batch=b, requests=requests, local_ips=b / local,
-                                    http_ips=b / remote, http_ms=1000 * remote, max_diff=diff))
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            def local_call(x: np.ndarray = x) -> np.ndarray:
+                return runner.infer(x)
+
+            local, remote = _interleaved([local_call, call], requests, warmup, rounds=5)
+            rows.append(Row(batch=b, requests=requests, local_ips=b / local,
+                            http_ips=b / remote, http_ms=1000 * remote, max_diff=diff))
     return rows
 
 

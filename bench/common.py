@@ -1,0 +1,63 @@
+"""Shared by the benchmarks: a real ``reprogram-server`` process on a free loopback port."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+
+import httpx
+
+READY_TIMEOUT_S = 120.0
+
+
+def free_port() -> int:
+    """A TCP port that was free on 127.0.0.1 a moment ago."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def wait_ready(base: str, proc: subprocess.Popen[bytes],
+               timeout: float = READY_TIMEOUT_S) -> None:
+    """Poll ``/v2/health/ready`` until 200; raise if the process dies or it takes too long."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with status {proc.returncode}")
+        try:
+            if httpx.get(f"{base}/v2/health/ready", timeout=2.0).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)
+    raise RuntimeError(f"server not ready after {timeout:.0f} s")
+
+
+@contextmanager
+def server_process(args: Sequence[str] = (),
+                   env: Mapping[str, str] | None = None) -> Iterator[str]:
+    """Run ``reprogram-server --host 127.0.0.1 --port FREE *args``; yield its base URL and
+    always terminate it."""
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    cmd = [sys.executable, "-m", "server.main", "--host", "127.0.0.1", "--port", str(port),
+           "--log-level", "warning", *args]
+    with tempfile.TemporaryFile() as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
+                                env=dict(env) if env is not None else None)
+        try:
+            wait_ready(base, proc)
+            yield base
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
