@@ -54,10 +54,15 @@ def cmd_fit(args: argparse.Namespace, oracle: Oracle) -> int:
     out = Path(args.out)
     if not out.parent.exists():
         raise ConfigError(f"expected an existing folder for --out, got {str(out.parent)!r}")
+    if out.is_dir():
+        raise ConfigError(f"expected a file path for --out, got the folder {str(out)!r}")
     data = load_dataset(args.data, seed=cfg.seed)
-    bar = _progress(cfg.budget, not args.no_progress)
+    bars: list[Any] = []  # opened at the first step: a fit that fails to start draws nothing
 
     def on_step(row: dict[str, Any]) -> None:
+        if not bars:
+            bars.append(_progress(cfg.budget, not args.no_progress))
+        bar = bars[0]
         bar.update(row["queries"] - bar.n)
         post = {"loss": f"{row['loss']:.3f}" if row.get("loss") is not None else "-",
                 "best_val": f"{row['best_val_accuracy']:.3f}"}
@@ -66,7 +71,8 @@ def cmd_fit(args: argparse.Namespace, oracle: Oracle) -> int:
     try:
         result = fit(cfg, oracle, data, resume=args.resume, callback=on_step)
     finally:
-        bar.close()
+        for bar in bars:
+            bar.close()
     save_prompt(result.prompt, out)
     curve = learning_curve(result.history, out.with_suffix(".curve.png"),
                            title=f"{cfg.estimator} on {data.name}")
@@ -132,10 +138,12 @@ def read_images(paths: list[str]) -> torch.Tensor:
 
 
 def cmd_apply(args: argparse.Namespace, oracle: Oracle) -> int:
+    if args.top_k < 1:
+        raise ConfigError(f"expected --top-k >= 1, got {args.top_k}")
     prompt = _prompt_for(args, oracle)
     model = prompt.build()
     probs = model.predict_proba(read_images(args.images), oracle)
-    k = max(1, min(args.top_k, probs.shape[1]))
+    k = min(args.top_k, probs.shape[1])
     for path, row in zip(args.images, probs, strict=True):
         top = row.topk(k)
         print(json.dumps({"image": path, "label": prompt.target_classes[int(top.indices[0])],

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Literal, get_args
 
@@ -65,12 +66,13 @@ class FitConfig:
             if getattr(self, name) not in get_args(allowed):
                 raise ConfigError(f"expected {name} in {get_args(allowed)}, "
                                   f"got {getattr(self, name)!r}")
-        for name in ("batch_size", "eval_every", "checkpoint_every", "q", "spsa_draws"):
+        for name in ("batch_size", "eval_every", "checkpoint_every", "q", "spsa_draws",
+                     "inner_size"):
             if getattr(self, name) is not None and int(getattr(self, name)) < 1:
                 raise ConfigError(f"expected {name} >= 1, got {getattr(self, name)}")
         for name in ("lr", "mu", "spsa_c"):
-            if not float(getattr(self, name)) > 0:
-                raise ConfigError(f"expected {name} > 0, got {getattr(self, name)}")
+            if not 0 < float(getattr(self, name)) < math.inf:
+                raise ConfigError(f"expected a finite {name} > 0, got {getattr(self, name)}")
         if self.epochs is None and self.budget is None:
             raise ConfigError("expected epochs or budget (or both), got neither")
         if self.epochs is not None and self.epochs < 1:

@@ -138,6 +138,12 @@ class Fitter:
         n_train = len(self.train)
         per_step = self.estimator.queries_per_step * min(cfg.batch_size, n_train)
         lm_cost = n_train if labelmap.needs_fit else 0
+        # a step is taken only while a final validation stays affordable (see run())
+        least = 2 * len(self.val) + lm_cost + per_step
+        if cfg.budget is not None and cfg.budget < least:
+            raise ConfigError(f"expected a budget of at least {least} images (two validations "
+                              f"of {len(self.val)}, a label-map fit of {lm_cost} and one step "
+                              f"of {per_step}), got {cfg.budget}")
         if labelmap.refit_every_epoch:  # one more pass over the training set per epoch
             per_step += math.ceil(n_train / math.ceil(n_train / cfg.batch_size))
         self.total_steps, self.eval_every = plan(cfg, per_step, n_train, len(self.val),
@@ -169,6 +175,9 @@ class Fitter:
             ck = torch.load(str(path), map_location="cpu", weights_only=True)
         except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as exc:
             raise ConfigError(f"cannot read checkpoint {str(path)!r}: {exc}") from exc
+        except Exception as exc:  # torch's unpickler raises KeyError, IndexError ... on junk
+            raise ConfigError(f"cannot read checkpoint {str(path)!r}: expected a file written "
+                              f"by `reprogram fit`, got {type(exc).__name__}: {exc}") from exc
         if not isinstance(ck, dict) or not set(ck) >= _CHECKPOINT_KEYS:
             raise ConfigError(f"expected a checkpoint written by `reprogram fit` at "
                               f"{str(path)!r}, got another file")

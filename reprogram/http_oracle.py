@@ -37,9 +37,10 @@ from reprogram.oracles import ModelInfo, Oracle, WireDtype, parse_output_kind
 
 log = logging.getLogger(__name__)
 
-# 408 and 429 ask the client to come back; every 5xx is transient except "not implemented"
-# (501) and "HTTP version not supported" (505), which a retry cannot cure.
-RETRY_STATUS = frozenset({408, 429})
+# 429 asks the client to come back (no other 4xx is retried: a retry cannot change the answer,
+# and a 401/403 retried in a loop looks like key guessing); every 5xx is transient except
+# "not implemented" (501) and "HTTP version not supported" (505), which a retry cannot cure.
+RETRY_STATUS = frozenset({429})
 NO_RETRY_5XX = frozenset({501, 505})
 
 
@@ -54,6 +55,11 @@ class RetryPolicy:
     max_retries: int = 8
     base: float = 0.25
     cap: float = 30.0
+    # Retries of a connection that fails before the server has ever answered (nothing listens
+    # there, a wrong host): a mistyped endpoint fails in about a second, not after minutes of
+    # backoff. Once the server has answered, a refused connection is a restart and gets
+    # ``max_retries``.
+    connect_retries: int = 2
 
     def delay(self, attempt: int, retry_after: float | None, rng: random.Random) -> float:
         backoff = min(self.cap, self.base * 2.0**attempt) * rng.uniform(0.5, 1.0)
@@ -143,6 +149,7 @@ class HttpOracle(Oracle):
         self.max_in_flight = max_in_flight
         self.retry = retry or RetryPolicy()
         self.retries = 0
+        self._answered = False  # has the server ever answered? (see RetryPolicy)
         self.timings = {"encode": 0.0, "http": 0.0, "decode": 0.0}
         self._rng = random.Random(seed)
         self._lock = threading.Lock()  # retries, jitter and timings are shared by the pool
@@ -215,13 +222,18 @@ class HttpOracle(Oracle):
     def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         """One HTTP exchange with retries; raises OracleError when it cannot succeed."""
         url = f"{self.url}{path}"
+        limit = self.retry.max_retries
         for attempt in range(self.retry.max_retries + 1):
             retry_after: float | None = None
             try:
                 response = self._client.request(method, url, **kwargs)
             except httpx.TransportError as exc:
                 why = f"{type(exc).__name__}: {exc}"
+                if isinstance(exc, httpx.ConnectError) and not self._answered:
+                    limit = min(limit, self.retry.connect_retries)
+                    why += f" (is a server running at {self.url}?)"
             else:
+                self._answered, limit = True, self.retry.max_retries
                 if response.status_code < 400:
                     return response
                 message = protocol.error_message(response.content)
@@ -230,12 +242,13 @@ class HttpOracle(Oracle):
                                    f"{response.status_code}: {message}", response.status_code)
                 why = f"HTTP {response.status_code}: {message}"
                 retry_after = _retry_after(response)
-            if attempt == self.retry.max_retries:
+            if attempt >= limit:
                 raise OracleError(f"{method} {path} failed after {attempt + 1} attempts: {why}")
             with self._lock:
                 wait = self.retry.delay(attempt, retry_after, self._rng)
                 self.retries += 1
-            log.warning("%s %s: %s; retrying in %.2fs", method, path, why, wait)
+            log.log(logging.WARNING if self._answered else logging.INFO,
+                    "%s %s: %s; retrying in %.2fs", method, path, why, wait)
             time.sleep(wait)
         raise AssertionError("unreachable")
 

@@ -10,6 +10,11 @@ Hosted prompts query the source through one shared oracle: on a model, a ``Local
 the same model object with the server's output kind and 8-bit quantization. Every error is answered
 as JSON ``{"error": "..."}`` with a 4xx status for bad input (413 for bodies over
 ``max_body_bytes``, checked from ``Content-Length`` before reading and while reading).
+
+Middlewares, outermost first: :class:`~server.observability.ObservabilityMiddleware` (metrics,
+access log), :class:`~server.gate.GateMiddleware` (API keys: 401 before any body is read),
+:class:`BodyLimitMiddleware`. ``app.state`` also holds the usage ``ledger`` (rate limits and
+quotas), the ``metrics`` and ``draining`` (set on SIGTERM: readiness turns false).
 """
 
 from __future__ import annotations
@@ -28,10 +33,14 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from reprogram.errors import ConfigError, ReprogramError
 from reprogram.oracles import LocalOracle, Oracle
 from reprogram.zoo.registry import SourceModel, load_model
-from server import routes_prompts, routes_v1, routes_v2
+from server import routes_ops, routes_prompts, routes_v1, routes_v2
+from server.gate import GateMiddleware, KeyRing
 from server.hosted import OracleServable, SharedOracle
 from server.inference import ModelRunner, Registry, TooLarge
+from server.observability import Metrics, ObservabilityMiddleware
+from server.openapi import install_openapi
 from server.prompt_store import PromptStore
+from server.quota import Ledger
 from server.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -42,6 +51,11 @@ def error_response(
 ) -> JSONResponse:
     """The one error shape: ``{"error": message}``."""
     return JSONResponse({"error": message}, status_code=status, headers=dict(headers or {}))
+
+
+def unauthorized(message: str) -> JSONResponse:
+    """401 with ``WWW-Authenticate: Bearer``."""
+    return error_response(401, message, headers={"WWW-Authenticate": 'Bearer realm="reprogram"'})
 
 
 class BodyLimitMiddleware:
@@ -107,7 +121,8 @@ def install_error_handlers(app: FastAPI) -> None:
             return await on_unexpected(request, exc)
         status = _status_of(exc)
         logger.info("%s %s -> %d: %s", request.method, request.url.path, status, exc)
-        return error_response(status, str(exc))
+        headers = getattr(exc, "headers", None)
+        return error_response(status, str(exc), headers if isinstance(headers, dict) else None)
 
     async def on_http(request: Request, exc: Exception) -> JSONResponse:
         if not isinstance(exc, StarletteHTTPException):
@@ -205,6 +220,7 @@ def create_app(settings: Settings | None = None, model: SourceModel | None = Non
         if model is None and oracle is None:
             task = asyncio.create_task(_load_in_background(app, settings))
         yield
+        app.state.draining = True
         if task is not None and not task.done():
             task.cancel()
 
@@ -216,10 +232,20 @@ def create_app(settings: Settings | None = None, model: SourceModel | None = Non
     app.state.settings = settings
     app.state.registry = registry
     app.state.prompts = store
+    app.state.draining = False
+    app.state.metrics = metrics = Metrics()
+    app.state.ledger = Ledger(images_per_minute=settings.images_per_minute,
+                              quota_images=settings.quota_images)
+    keyring = KeyRing(settings.api_keys)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(GateMiddleware, keyring=keyring, unauthorized=unauthorized)
+    app.add_middleware(ObservabilityMiddleware, metrics=metrics, fastapi_app=app,
+                       access_log=settings.access_log)
     install_error_handlers(app)
     app.include_router(routes_v2.router)
     app.include_router(routes_v1.router)
     app.include_router(routes_prompts.router)
+    app.include_router(routes_ops.router)
+    install_openapi(app, auth=keyring.enabled)
     return app
 

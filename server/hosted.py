@@ -186,6 +186,7 @@ class PromptServable:
         self._model = prompt.build().eval()
         self._max_images = max_images
         self._max_pixels = max_pixels
+        self.owners: set[str] = set()  # API key names; empty: visible to every key
 
     @property
     def name(self) -> str:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 import numpy as np
@@ -286,17 +286,25 @@ class Registry:
         with self._lock:
             return bool(self._models) and not self._pending
 
-    def get(self, name: str, version: str | None = None) -> Servable:
-        """The servable named ``name`` (404 if unknown, 503 while loading or after a failure)."""
+    def get(self, name: str, version: str | None = None, *,
+            visible: Callable[[Servable], bool] | None = None) -> Servable:
+        """The servable named ``name`` (404 if unknown, 503 while loading or after a failure).
+
+        With ``visible``, servables it rejects are treated as unknown (and not listed).
+        """
         with self._lock:
             servable = self._models.get(name)
             pending = name in self._pending
             failure = self._pending.get(name)
-            known = sorted([*self._models, *self._pending])
+        if servable is not None and visible is not None and not visible(servable):
+            pending, servable = False, None
         if servable is None:
             if pending:
                 state = f"failed to load: {failure}" if failure else "is still loading"
                 raise NotReady(f"model {name!r} {state}")
+            with self._lock:
+                shown = [n for n, s in self._models.items() if visible is None or visible(s)]
+                known = sorted([*shown, *self._pending])
             raise NotFound(f"unknown model {name!r}; expected one of {known}")
         if version is not None and version != servable.version:
             raise NotFound(
@@ -304,10 +312,11 @@ class Registry:
             )
         return servable
 
-    def status(self, name: str, version: str | None = None) -> bool:
+    def status(self, name: str, version: str | None = None, *,
+               visible: Callable[[Servable], bool] | None = None) -> bool:
         """Readiness of one model (raises :class:`NotFound` for unknown names)."""
         try:
-            self.get(name, version)
+            self.get(name, version, visible=visible)
         except NotReady:
             return False
         return True

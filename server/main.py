@@ -6,6 +6,10 @@ Example::
 
 The model is loaded before the port is bound, so a bad ``--model``/``--weights`` ends the
 command at once with a one-line error and exit status 2 (as do malformed arguments).
+
+API keys come from ``--api-keys-file`` and/or ``$REPROGRAM_API_KEYS`` (see ``server.gate``);
+SIGTERM drains and exits 0 (see ``server.lifecycle``); each request is logged as one JSON line
+on stderr unless ``--no-access-log``.
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ from collections.abc import Sequence
 
 from reprogram.errors import ReprogramError
 from server.app import create_app, load_source
+from server.gate import ENV_VAR, load_api_keys
+from server.lifecycle import serve
 from server.settings import LOG_LEVELS, OutputKind, Settings
 
 logger = logging.getLogger(__name__)
@@ -55,6 +61,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default=d.host)
     p.add_argument("--port", type=int, default=d.port)
     p.add_argument("--log-level", default=d.log_level, choices=LOG_LEVELS)
+    g = p.add_argument_group("security and operations")
+    g.add_argument("--api-keys-file", default=None, metavar="FILE",
+                   help=f"require an API key: one 'name:key' (or bare key) per line; also"
+                        f" ${ENV_VAR} (comma-separated). Default: an open server")
+    g.add_argument("--images-per-minute", type=int, default=None, metavar="N",
+                   help="rate limit per key (per client address without keys): 429 over it")
+    g.add_argument("--quota-images", type=int, default=None, metavar="N",
+                   help="total images per key (per client address without keys): 403 after")
+    g.add_argument("--max-json-depth", type=int, default=d.max_json_depth,
+                   help="deepest nesting of a V2 JSON body")
+    g.add_argument("--max-json-elements", type=int, default=d.max_json_elements,
+                   help="most values in a V2 JSON body (use binary tensors for more)")
+    g.add_argument("--drain-seconds", type=float, default=d.drain_seconds,
+                   help="after SIGTERM: seconds with readiness false before the listener closes")
+    g.add_argument("--shutdown-timeout", type=float, default=d.shutdown_timeout,
+                   help="after SIGTERM: seconds that requests in flight may take to finish")
+    g.add_argument("--no-access-log", dest="access_log", action="store_false",
+                   help="do not write one JSON line per request to stderr")
     return p
 
 
@@ -76,6 +100,14 @@ def parse_settings(argv: Sequence[str] | None = None) -> Settings:
         host=args.host,
         port=args.port,
         log_level=args.log_level,
+        api_keys=load_api_keys(args.api_keys_file),
+        images_per_minute=args.images_per_minute,
+        quota_images=args.quota_images,
+        max_json_depth=args.max_json_depth,
+        max_json_elements=args.max_json_elements,
+        drain_seconds=args.drain_seconds,
+        shutdown_timeout=args.shutdown_timeout,
+        access_log=args.access_log,
     )
 
 
@@ -90,12 +122,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    import uvicorn
-
     app = create_app(settings, model=model)
-    logger.info("serving %s (output %s) on %s:%d", model.meta.name, settings.output,
-                settings.host, settings.port)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level)
+    logger.info("serving %s (output %s) on %s:%d; %s", model.meta.name, settings.output,
+                settings.host, settings.port,
+                f"{len(settings.api_keys)} API key(s) required" if settings.api_keys
+                else "no API keys: open to every client")
+    serve(app, settings)
+    logger.info("stopped")
     return 0
 
 

@@ -10,12 +10,21 @@ temporary file in the same folder, ``fsync`` and ``os.replace`` (then the folder
 so a crash or ``kill -9`` mid-upload leaves either the whole file or none. At startup every
 ``*.safetensors`` file in the folder is loaded; invalid or incompatible ones are logged and
 skipped, and leftover temporary files are removed.
+
+With API keys, a prompt is owned by the keys that uploaded it (``owner``; None on an open
+server): the names are kept in ``DIR/{id}.owners.json``, written (atomically) *before* the
+prompt file, so a crash never leaves a private prompt without its owners (an orphan owners
+file is removed at startup). Other keys get 404 for it, exactly as for an unknown id; a key
+that uploads the same bytes becomes a co-owner, and deleting removes only the caller's
+ownership until none is left. Prompts without owners (uploaded to an open server, or given on
+the command line) are visible to every key and cannot be deleted through a key.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import logging
 import os
 import tempfile
@@ -25,6 +34,7 @@ from pathlib import Path
 
 from reprogram.artifact import check_compatible, loads_prompt
 from reprogram.errors import ArtifactError, ReprogramError
+from server.gate import visible_to
 from server.hosted import PromptServable, SharedOracle
 from server.inference import HTTPStatusError, NotFound, NotReady, Registry, TooLarge
 
@@ -33,6 +43,7 @@ logger = logging.getLogger(__name__)
 ID_HEX = 16
 SUFFIX = ".safetensors"
 TMP_PREFIX = ".upload-"
+OWNERS_SUFFIX = ".owners.json"
 
 
 class IncompatiblePrompt(ArtifactError):
@@ -45,6 +56,12 @@ class NameConflict(HTTPStatusError):
     """A prompt id that is already the name of a served model (409)."""
 
     status_code = 409
+
+
+class Forbidden(HTTPStatusError):
+    """A prompt the caller may use but not delete (403)."""
+
+    status_code = 403
 
 
 class StorageError(HTTPStatusError):
@@ -72,6 +89,26 @@ def write_atomic(path: Path, data: bytes) -> None:
         Path(tmp).unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
+
+
+def owners_path(path: Path) -> Path:
+    """The owners file of the prompt file ``path``."""
+    return path.parent / f"{path.stem}{OWNERS_SUFFIX}"
+
+
+def read_owners(path: Path) -> set[str]:
+    """The owners of the prompt file ``path`` (empty when it has no owners file)."""
+    side = owners_path(path)
+    if not side.exists():
+        return set()
+    names = json.loads(side.read_text(encoding="utf-8"))
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+        raise ArtifactError(f"expected a non-empty JSON list of key names in {side.name}")
+    return set(names)
+
+
+def _write_owners(path: Path, owners: set[str]) -> None:
+    write_atomic(owners_path(path), json.dumps(sorted(owners)).encode("utf-8"))
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -128,37 +165,59 @@ class PromptStore:
                               created=time.time(), max_images=self.max_images,
                               max_pixels=self.max_pixels)
 
-    def add(self, data: bytes, *, label: str = "upload",
-            persist: bool = True) -> tuple[PromptServable, bool]:
-        """Validate, store and serve prompt bytes; returns ``(servable, created)``.
+    def add(self, data: bytes, *, label: str = "upload", persist: bool = True,
+            owner: str | None = None) -> tuple[PromptServable, bool]:
+        """Validate, store and serve prompt bytes for ``owner``; returns ``(servable, created)``
+        (``created`` is False when the caller could already see these exact bytes).
 
         Raises (nothing stored): :class:`TooLarge` (413), :class:`ArtifactError` (400),
         :class:`IncompatiblePrompt` (422), :class:`NameConflict` (409), :class:`StorageError`.
         """
         pid = prompt_id(data)
-        existing = self._existing(pid, data)
-        if existing is not None:
-            return existing, False
+        with self._lock:
+            existing = self._existing(pid, data)
+            if existing is not None:
+                return self._share(existing, owner)
         servable = self._validate(data, label)
         with self._lock:
             existing = self._existing(pid, data)
             if existing is not None:
-                return existing, False
+                return self._share(existing, owner)
             if pid in self.registry.names():
                 raise NameConflict(f"prompt id {pid!r} is already the name of a served model")
+            owners = {owner} if owner is not None else set()
             if persist and self.directory is not None:
                 path = self.directory / f"{pid}{SUFFIX}"
                 try:
+                    if owners:  # first: a crash must not leave a private prompt public
+                        _write_owners(path, owners)
                     write_atomic(path, data)
                 except OSError as exc:
+                    owners_path(path).unlink(missing_ok=True)
                     raise StorageError(f"cannot store the prompt in {str(self.directory)!r}:"
                                        f" {exc.strerror or exc}") from None
                 servable.created = path.stat().st_mtime
                 self._paths[pid] = path
+            servable.owners = owners
             self._prompts[pid] = servable
             self.registry.add(servable)
         logger.info("prompt %s added (%d target classes, %s program)", pid,
                     len(servable.class_names), servable.prompt.program.kind)
+        return servable, True
+
+    def _share(self, servable: PromptServable, owner: str | None) -> tuple[PromptServable, bool]:
+        """Make an already hosted prompt visible to ``owner`` (call with the lock held)."""
+        if owner is None or visible_to(owner)(servable):
+            return servable, False
+        owners = servable.owners | {owner}
+        path = self._paths.get(servable.prompt_id)
+        if path is not None:
+            try:
+                _write_owners(path, owners)
+            except OSError as exc:
+                raise StorageError(f"cannot store the prompt's owners: {exc.strerror}") from None
+        servable.owners = owners
+        logger.info("prompt %s shared with key %s", servable.prompt_id, owner)
         return servable, True
 
     def _existing(self, pid: str, data: bytes) -> PromptServable | None:
@@ -187,11 +246,18 @@ class PromptStore:
         for tmp in self.directory.glob(f"{TMP_PREFIX}*.tmp"):
             logger.warning("removing %s, left over from an interrupted upload", tmp.name)
             tmp.unlink(missing_ok=True)
+        for side in self.directory.glob(f"*{OWNERS_SUFFIX}"):
+            stem = side.name[: -len(OWNERS_SUFFIX)]
+            if not (self.directory / f"{stem}{SUFFIX}").exists():
+                logger.warning("removing %s, left over from an interrupted upload", side.name)
+                side.unlink(missing_ok=True)
         loaded = 0
         for path in sorted(self.directory.glob(f"*{SUFFIX}")):
             try:
                 data = path.read_bytes()
+                owners = read_owners(path)
                 servable = self._validate(data, repr(path.name))
+                servable.owners = owners
                 if path.stem != servable.prompt_id:
                     logger.warning("%s holds prompt %s; serving it under its content id",
                                    path.name, servable.prompt_id)
@@ -215,27 +281,46 @@ class PromptStore:
         logger.info("loaded %d prompt(s) from %s", loaded, self.directory)
         return loaded
 
-    def get(self, pid: str) -> PromptServable:
-        """The prompt ``pid`` (404 if unknown)."""
+    def get(self, pid: str, owner: str | None = None) -> PromptServable:
+        """The prompt ``pid`` as ``owner`` sees it (404 if unknown or another key's)."""
         with self._lock:
             servable = self._prompts.get(pid)
-        if servable is None:
+        if servable is None or not visible_to(owner)(servable):
             raise NotFound(f"unknown prompt {pid!r}; GET /v1/prompts lists the hosted prompts")
         return servable
 
-    def list(self) -> list[PromptServable]:
-        """Every hosted prompt, oldest first."""
+    def list(self, owner: str | None = None) -> list[PromptServable]:
+        """Every hosted prompt ``owner`` may see, oldest first."""
+        visible = visible_to(owner)
         with self._lock:
-            return sorted(self._prompts.values(), key=lambda s: (s.created, s.prompt_id))
+            shown = [s for s in self._prompts.values() if visible(s)]
+        return sorted(shown, key=lambda s: (s.created, s.prompt_id))
 
-    def delete(self, pid: str) -> None:
-        """Stop serving ``pid`` and remove its file (404 if unknown)."""
+    def delete(self, pid: str, owner: str | None = None) -> None:
+        """Stop serving ``pid`` for ``owner`` (404 if unknown or another key's; 403 for a
+        prompt without owners when ``owner`` is given); remove it when no owner is left."""
         with self._lock:
-            self.get(pid)
+            servable = self.get(pid, owner)
             path = self._paths.get(pid)
+            if owner is not None:
+                if not servable.owners:
+                    raise Forbidden(f"prompt {pid!r} is provided by the operator and cannot be"
+                                    " deleted with an API key")
+                remaining = servable.owners - {owner}
+                if remaining:
+                    if path is not None:
+                        try:
+                            _write_owners(path, remaining)
+                        except OSError as exc:
+                            raise StorageError(f"cannot delete prompt {pid!r}:"
+                                               f" {exc.strerror}") from None
+                    servable.owners = remaining
+                    logger.info("prompt %s no longer shared with key %s", pid, owner)
+                    return
             if path is not None:
-                try:
+                try:  # the prompt first: a crash leaves an orphan owners file, not a public prompt
                     path.unlink(missing_ok=True)
+                    owners_path(path).unlink(missing_ok=True)
                 except OSError as exc:
                     raise StorageError(f"cannot delete prompt {pid!r}: {exc.strerror}") from None
                 _fsync_dir(path.parent)

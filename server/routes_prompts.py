@@ -5,7 +5,8 @@ with the same id when the file is already hosted); ``POST /v1/prompts/{id}/predi
 PNG/JPEG images in multipart field ``files`` (repeatable) and returns, per image, the target
 label, its probability and the ``top_k`` target classes. Each image keeps its own size: the
 prompt's input transform resizes it, exactly as ``reprogram eval`` and ``reprogram apply`` do.
-Hosted prompts are also V2 models named by their id (see ``routes_v2``).
+Hosted prompts are also V2 models named by their id (see ``routes_v2``). With API keys, each
+prompt belongs to the keys that uploaded it (:mod:`server.prompt_store`): other keys get 404.
 """
 
 from __future__ import annotations
@@ -15,11 +16,15 @@ from typing import Any
 from fastapi import APIRouter, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict
 from starlette.datastructures import UploadFile
 
 from reprogram.errors import ProtocolError
+from server.admission import admission_for
+from server.gate import caller_of
 from server.hosted import PROBS, PromptServable
 from server.inference import TooLarge, top_entries
+from server.openapi import errors
 from server.prompt_store import PromptStore
 from server.routes_v1 import decode_image
 
@@ -71,8 +76,41 @@ async def read_files(request: Request, field: str, max_files: int,
     return files
 
 
+def _owner(request: Request) -> str | None:
+    return caller_of(request).owner
+
+
+class PromptSummary(BaseModel):
+    """What the prompt routes return about a prompt (more fields may follow)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    id: str
+    sha256: str
+    target_classes: list[str]
+    num_classes: int
+    v2_model: str
+
+
+class PromptList(BaseModel):
+    """``GET /v1/prompts``."""
+
+    prompts: list[PromptSummary]
+
+
+class Deleted(BaseModel):
+    """``DELETE /v1/prompts/{prompt_id}``."""
+
+    deleted: str
+
+
+_UPLOADED = {"model": PromptSummary, "description": "hosted (201: new for this key)"}
+
+
 @router.post("", status_code=201, openapi_extra=_multipart(UPLOAD_FIELD, many=False),
-             responses={200: {"description": "already hosted"}, 413: {}, 422: {}})
+             response_model=PromptSummary,
+             responses={200: {**_UPLOADED, "description": "already hosted for this key"},
+                        **errors(400, 409, 413, 422, 503, 507)})
 async def upload(request: Request) -> JSONResponse:
     """Host a prompt artifact (multipart field ``file``); its id is its content hash."""
     store = store_of(request)
@@ -82,40 +120,46 @@ async def upload(request: Request) -> JSONResponse:
                        f" of {declared} bytes")
     files = await read_files(request, UPLOAD_FIELD, max_files=1, max_bytes=store.max_bytes)
     name, data = files[0]
-    servable, created = await run_in_threadpool(store.add, data, label=repr(name or "upload"))
+    servable, created = await run_in_threadpool(store.add, data, label=repr(name or "upload"),
+                                                owner=_owner(request))
     return JSONResponse(servable.summary(), status_code=201 if created else 200)
 
 
-@router.get("")
+@router.get("", response_model=PromptList, responses=errors())
 def list_prompts(request: Request) -> dict[str, list[dict[str, Any]]]:
-    """Every hosted prompt with its metadata."""
-    return {"prompts": [s.summary() for s in store_of(request).list()]}
+    """Every hosted prompt the caller may see, with its metadata."""
+    return {"prompts": [s.summary() for s in store_of(request).list(_owner(request))]}
 
 
-@router.get("/{prompt_id}")
+@router.get("/{prompt_id}", response_model=PromptSummary, responses=errors(404))
 def describe(prompt_id: str, request: Request) -> dict[str, Any]:
     """Target classes, program and label-map kinds, accuracies, source model, created time."""
-    return store_of(request).get(prompt_id).summary()
+    return store_of(request).get(prompt_id, _owner(request)).summary()
 
 
-@router.delete("/{prompt_id}")
+@router.delete("/{prompt_id}", response_model=Deleted, responses=errors(403, 404, 507))
 def delete(prompt_id: str, request: Request) -> dict[str, str]:
-    """Stop hosting a prompt and remove its file."""
-    store_of(request).delete(prompt_id)
+    """Stop hosting a prompt for the caller; its file is removed when no key owns it."""
+    store_of(request).delete(prompt_id, _owner(request))
     return {"deleted": prompt_id}
 
 
-@router.post("/{prompt_id}/predict", openapi_extra=_multipart(IMAGES_FIELD, many=True))
+@router.post("/{prompt_id}/predict", openapi_extra=_multipart(IMAGES_FIELD, many=True),
+             responses=errors(400, 403, 404, 413, 415, 422, 429, 503))
 async def predict(
     prompt_id: str,
     request: Request,
     top_k: int = Query(5, ge=1, le=1000, description="target classes to return per image"),
 ) -> dict[str, Any]:
     """Classify uploaded PNG/JPEG images (multipart field ``files``, repeated) with a prompt."""
-    servable = store_of(request).get(prompt_id)
+    admission = admission_for(request)
+    admission.precheck()
+    servable = store_of(request).get(prompt_id, _owner(request))
+    caller_of(request).model = servable.name
     files = await read_files(request, IMAGES_FIELD, max_files=servable.max_images)
     max_pixels: int = request.app.state.settings.max_image_pixels
-    return await run_in_threadpool(_predict, servable, files, top_k, max_pixels)
+    return await run_in_threadpool(admission.run, len(files), _predict, servable, files, top_k,
+                                   max_pixels)
 
 
 def _predict(servable: PromptServable, files: list[tuple[str, bytes]], top_k: int,

@@ -4,7 +4,8 @@ Each upload is decoded with Pillow (PNG or JPEG only), its header checked agains
 cap before the pixels are decoded (decompression bombs), converted to RGB and resized to the
 model's input size with bilinear filtering. Scores follow the operator's output kind: the
 ``score`` is a probability (``probs``/``topk:K``), a logit (``logits``) or ``None``
-(``label``, which returns only the predicted label).
+(``label``, which returns only the predicted label). Prediction charges one image per file
+to the caller's rate limit and quota (:mod:`server.admission`).
 """
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ from PIL import Image, UnidentifiedImageError
 from starlette.datastructures import UploadFile
 
 from reprogram.errors import ProtocolError
+from server.admission import admission_for, lookup
 from server.inference import Registry, Servable, TooLarge, UnsupportedMedia, top_entries
+from server.openapi import errors
 
 router = APIRouter(prefix="/v1", tags=["v1"])
 
@@ -50,7 +53,7 @@ def _registry(request: Request) -> Registry:
     return registry
 
 
-@router.get("/models")
+@router.get("/models", responses=errors())
 def list_models(request: Request) -> dict[str, list[str]]:
     """Names of the served source models (hosted prompts are listed at ``/v1/prompts``)."""
     store = getattr(request.app.state, "prompts", None)
@@ -58,20 +61,26 @@ def list_models(request: Request) -> dict[str, list[str]]:
     return {"models": [n for n in _registry(request).names() if n not in prompts]}
 
 
-@router.get("/models/{model_name}")
+@router.get("/models/{model_name}", responses=errors(404, 503))
 def model_info(model_name: str, request: Request) -> dict[str, Any]:
     """Class names, input size, output kind, preprocessing and limits of one model."""
-    return _registry(request).get(model_name).info()
+    return lookup(request, model_name).info()
 
 
-@router.post("/models/{model_name}/predict", openapi_extra=_PREDICT_OPENAPI)
+PREDICT_ERRORS = errors(400, 403, 404, 413, 415, 422, 429, 503)
+
+
+@router.post("/models/{model_name}/predict", openapi_extra=_PREDICT_OPENAPI,
+             responses=PREDICT_ERRORS)
 async def predict(
     model_name: str,
     request: Request,
     top_k: int = Query(5, ge=1, le=1000, description="labels to return per image"),
 ) -> dict[str, Any]:
     """Classify uploaded images (multipart field ``files``, repeated)."""
-    servable = _registry(request).get(model_name)
+    admission = admission_for(request)
+    admission.precheck()
+    servable = lookup(request, model_name)
     settings = request.app.state.settings
     if "multipart/form-data" not in request.headers.get("content-type", ""):
         raise ProtocolError(
@@ -90,7 +99,7 @@ async def predict(
                 raise ProtocolError(f"expected file uploads in field {FIELD!r}, got a text value")
             files.append((item.filename or "", await item.read()))
     return await run_in_threadpool(
-        _predict, servable, files, top_k, settings.max_image_pixels
+        admission.run, len(files), _predict, servable, files, top_k, settings.max_image_pixels
     )
 
 

@@ -5,6 +5,9 @@ Health, server and model metadata, model readiness and infer, each model route a
 tensor extension work; the ``classification`` output parameter returns Triton-style
 ``"score:index:label"`` strings. With output kind ``label`` the only score is the one-hot
 ``1`` of the predicted class, so ``classification`` gives one entry per image whatever ``k``.
+Readiness is false while the server drains after SIGTERM. Infer refuses an empty rate-limit
+bucket before reading the body, bounds JSON nesting and size before parsing
+(:mod:`server.limits`), and charges the images to the caller (:mod:`server.admission`).
 """
 
 from __future__ import annotations
@@ -16,22 +19,54 @@ import numpy as np
 from fastapi import APIRouter, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 
 import reprogram
 from reprogram import protocol
 from reprogram.errors import ProtocolError
-from reprogram.protocol import InferenceRequest, OutputTensor, RequestedOutput
+from reprogram.protocol import InferenceRequest, InferenceResponse, OutputTensor, RequestedOutput
+from server.admission import Admission, admission_for, lookup
+from server.gate import caller_of, visible_to
 from server.inference import INPUT_NAME, Registry, Servable, TooLarge
+from server.limits import check_json_structure
+from server.openapi import errors, schema_ref
+from server.settings import Settings
 
 router = APIRouter(prefix="/v2", tags=["v2"])
 
 EXTENSIONS = ["binary_tensor_data", "classification"]
 
+
+class Live(BaseModel):
+    """``GET /v2/health/live``."""
+
+    live: bool
+
+
+class Ready(BaseModel):
+    """``GET /v2/health/ready``."""
+
+    ready: bool
+
+
+class ModelReady(BaseModel):
+    """``GET /v2/models/{model_name}/ready``."""
+
+    name: str
+    ready: bool
+
+
+_READY = {"model": Ready, "description": "not ready: loading, failed, or shutting down"}
+_MODEL_READY = {"model": ModelReady, "description": "the model is still loading or failed"}
+_INFER_OK = {"description": "the outputs: JSON, or a JSON header plus binary tensors",
+             "content": {"application/json": {"schema": schema_ref(InferenceResponse)},
+                         "application/octet-stream": {"schema": {"type": "string",
+                                                                 "format": "binary"}}}}
 _INFER_OPENAPI: dict[str, Any] = {
     "requestBody": {
         "required": True,
         "content": {
-            "application/json": {"schema": InferenceRequest.model_json_schema()},
+            "application/json": {"schema": schema_ref(InferenceRequest)},
             "application/octet-stream": {
                 "schema": {"type": "string", "format": "binary"},
                 "description": "binary tensor extension: JSON header of"
@@ -62,52 +97,67 @@ def _dist_version() -> str:
 
 
 @router.get("/health/live")
-def live() -> dict[str, bool]:
+def live() -> Live:
     """Liveness: the process answers."""
-    return {"live": True}
+    return Live(live=True)
 
 
-@router.get("/health/ready", responses={503: {"description": "not ready"}})
+@router.get("/health/ready", response_model=Ready, responses={503: _READY})
 def ready(request: Request) -> JSONResponse:
-    """Readiness: 200 when every configured model is loaded, 503 before."""
-    ok = registry_of(request).ready()
+    """Readiness: 200 when every configured model is loaded, 503 before and while draining."""
+    ok = registry_of(request).ready() and not getattr(request.app.state, "draining", False)
     return JSONResponse({"ready": ok}, status_code=200 if ok else 503)
 
 
-@router.get("")
+@router.get("", responses=errors())
 def server_metadata() -> protocol.ServerMetadata:
     """Server name, version and supported protocol extensions."""
     return protocol.ServerMetadata(name="reprogram", version=_version(), extensions=EXTENSIONS)
 
 
-@router.get("/models/{model_name}", response_model_exclude_none=True)
-@router.get("/models/{model_name}/versions/{version}", response_model_exclude_none=True)
+_META_ERRORS = errors(404, 503)
+
+
+@router.get("/models/{model_name}", response_model_exclude_none=True, responses=_META_ERRORS)
+@router.get("/models/{model_name}/versions/{version}", response_model_exclude_none=True,
+            responses=_META_ERRORS)
 def model_metadata(
     model_name: str, request: Request, version: str | None = None
 ) -> protocol.ModelMetadata:
     """Inputs, outputs and ``parameters`` (class names, input size, output kind ...)."""
-    return registry_of(request).get(model_name, version).metadata()
+    return lookup(request, model_name, version).metadata()
 
 
-@router.get("/models/{model_name}/ready", responses={503: {"description": "not ready"}})
-@router.get(
-    "/models/{model_name}/versions/{version}/ready", responses={503: {"description": "not ready"}}
-)
+_READY_ERRORS = {**errors(404), 503: _MODEL_READY}
+
+
+@router.get("/models/{model_name}/ready", response_model=ModelReady, responses=_READY_ERRORS)
+@router.get("/models/{model_name}/versions/{version}/ready", response_model=ModelReady,
+            responses=_READY_ERRORS)
 def model_ready(model_name: str, request: Request, version: str | None = None) -> JSONResponse:
     """200 with ``ready: true`` once loaded; 503 while loading; 404 for unknown models."""
-    ok = registry_of(request).status(model_name, version)
+    visible = visible_to(caller_of(request).owner)
+    ok = registry_of(request).status(model_name, version, visible=visible)
     return JSONResponse({"name": model_name, "ready": ok}, status_code=200 if ok else 503)
 
 
-@router.post("/models/{model_name}/infer", openapi_extra=_INFER_OPENAPI)
-@router.post("/models/{model_name}/versions/{version}/infer", openapi_extra=_INFER_OPENAPI)
+_INFER_RESPONSES = {200: _INFER_OK, **errors(400, 403, 404, 413, 429, 503)}
+
+
+@router.post("/models/{model_name}/infer", openapi_extra=_INFER_OPENAPI,
+             response_class=Response, responses=_INFER_RESPONSES)
+@router.post("/models/{model_name}/versions/{version}/infer", openapi_extra=_INFER_OPENAPI,
+             response_class=Response, responses=_INFER_RESPONSES)
 async def infer(model_name: str, request: Request, version: str | None = None) -> Response:
     """Run the model on input ``image`` (UINT8 0..255 or FP32 0..1, ``[N,3,H,W]``)."""
-    servable = registry_of(request).get(model_name, version)
+    admission = admission_for(request)
+    admission.precheck()
+    servable = lookup(request, model_name, version)
     body = await request.body()
-    limit: int = request.app.state.settings.max_body_bytes
-    body = decompress(body, request.headers.get("content-encoding"), limit)
-    content, headers = await run_in_threadpool(run_infer, servable, body, dict(request.headers))
+    settings: Settings = request.app.state.settings
+    body = decompress(body, request.headers.get("content-encoding"), settings.max_body_bytes)
+    content, headers = await run_in_threadpool(run_infer, servable, body, dict(request.headers),
+                                                admission, settings)
     return Response(content=content, headers=headers)
 
 
@@ -128,13 +178,27 @@ def decompress(body: bytes, encoding: str | None, limit: int) -> bytes:
     return out
 
 
-def run_infer(servable: Servable, body: bytes, headers: dict[str, str]) -> tuple[bytes, dict]:
-    """Decode, validate, run and encode one inference request (runs in a worker thread)."""
+def run_infer(servable: Servable, body: bytes, headers: dict[str, str],
+              admission: Admission | None = None,
+              settings: Settings | None = None) -> tuple[bytes, dict]:
+    """Decode, validate, run and encode one inference request (runs in a worker thread).
+
+    ``settings`` gives the JSON caps (defaults without); ``admission`` charges the images.
+    """
+    caps = settings or Settings()
+    head_length = protocol.parse_header_length(headers, len(body))
+    check_json_structure(body if head_length is None else body[:head_length],
+                         max_depth=caps.max_json_depth, max_elements=caps.max_json_elements)
     req, tensors = protocol.decode_request(body, headers)
     if list(tensors) != [INPUT_NAME]:
         raise ProtocolError(f"expected one input named {INPUT_NAME!r}, got {list(tensors)}")
     requested = _requested_outputs(req, servable)
-    scores = servable.infer(tensors[INPUT_NAME])
+    images = tensors[INPUT_NAME]
+    if admission is None:
+        scores = servable.infer(images)
+    else:
+        with admission.charge(int(images.shape[0]) if images.ndim else 1):
+            scores = servable.infer(images)
     outputs = [_output_tensor(servable, scores, name, binary, k) for name, binary, k in requested]
     return protocol.encode_response(
         model_name=servable.name,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -63,12 +64,54 @@ def _positive(name: str, value: int) -> None:
         raise ConfigError(f"expected a positive integer for {name}, got {value!r}")
 
 
+def _seconds(name: str, value: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < 1e6:
+        raise ConfigError(f"expected a number of seconds >= 0 for {name}, got {value!r}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ApiKey:
+    """One API key: ``name`` (logged, metered, owns prompts) and ``secret`` (never shown).
+
+    ``ApiKey.parse("alice:s3cret")`` names the key ``alice``; a bare ``"s3cret"`` is named
+    ``key-`` plus the first 8 hex digits of its SHA-256, which identifies it without revealing it.
+    """
+
+    name: str
+    secret: str = field(repr=False)
+
+    def __post_init__(self) -> None:
+        if not _url_safe(self.name):
+            raise ConfigError(f"expected an API key name of letters, digits, '-', '_' or '.',"
+                              f" got {self.name!r}")
+        if not self.secret or any(c.isspace() or c == "," for c in self.secret):
+            raise ConfigError(f"expected a non-empty API key without spaces or commas for key"
+                              f" {self.name!r}")
+
+    @classmethod
+    def parse(cls, entry: str) -> ApiKey:
+        """``name:key`` or a bare ``key``."""
+        text = entry.strip()
+        name, sep, secret = text.partition(":")
+        if not sep:
+            digest = hashlib.sha256(text.encode("utf-8")).hexdigest()[:8]
+            return cls(name=f"key-{digest}", secret=text)
+        return cls(name=name.strip(), secret=secret.strip())
+
+
 @dataclass(frozen=True, kw_only=True)
 class Settings:
     """Everything the operator chooses when starting the server.
 
     ``prompts_dir``: where uploaded prompts are stored and loaded from at startup (``None``:
     in memory only, lost on restart); ``max_prompt_bytes``: the upload cap for a prompt file.
+
+    Hardening (see ``server.gate``, ``server.quota``, ``server.limits``, ``server.lifecycle``):
+    ``api_keys`` (empty: an open server), ``images_per_minute`` and ``quota_images`` per key
+    (per client address without keys; ``None``: unlimited), ``max_json_depth`` and
+    ``max_json_elements`` for V2 JSON bodies, ``drain_seconds`` (readiness is false this long
+    after SIGTERM before the listener closes), ``shutdown_timeout`` (how long in-flight requests
+    may take to finish), ``access_log`` (one JSON line per request on ``server.access``).
     """
 
     model: str = "default"
@@ -85,13 +128,28 @@ class Settings:
     host: str = "127.0.0.1"
     port: int = 8000
     log_level: LogLevel = "info"
+    api_keys: tuple[ApiKey, ...] = ()
+    images_per_minute: int | None = None
+    quota_images: int | None = None
+    max_json_depth: int = 32
+    max_json_elements: int = 4 * 1024 * 1024
+    drain_seconds: float = 0.0
+    shutdown_timeout: float = 30.0
+    access_log: bool = True
 
     def __post_init__(self) -> None:
         if isinstance(self.output, str):  # accept "topk:3" for convenience
             object.__setattr__(self, "output", OutputKind.parse(self.output))
         for name in ("max_batch", "max_images_per_request", "max_body_bytes", "max_image_pixels",
-                     "max_prompt_bytes"):
+                     "max_prompt_bytes", "max_json_depth", "max_json_elements"):
             _positive(name, getattr(self, name))
+        for name in ("images_per_minute", "quota_images"):
+            if getattr(self, name) is not None:
+                _positive(name, getattr(self, name))
+        for name in ("drain_seconds", "shutdown_timeout"):
+            _seconds(name, getattr(self, name))
+        object.__setattr__(self, "api_keys", tuple(self.api_keys))
+        check_keys(self.api_keys)
         if isinstance(self.port, bool) or not isinstance(self.port, int):
             raise ConfigError(f"expected an integer port, got {self.port!r}")
         if not 0 <= self.port <= 65535:
@@ -125,6 +183,18 @@ class Settings:
         if not names:
             raise ConfigError(f"expected at least one class name in {str(path)!r}, got none")
         return tuple(names)
+
+
+def check_keys(keys: tuple[ApiKey, ...]) -> None:
+    """Raise :class:`ConfigError` unless ``keys`` are ApiKeys with unique names and secrets."""
+    if not all(isinstance(k, ApiKey) for k in keys):
+        raise ConfigError("expected api_keys to be ApiKey objects (ApiKey.parse('name:key'))")
+    names = [k.name for k in keys]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise ConfigError(f"expected unique API key names, got {dup} more than once")
+    if len({k.secret for k in keys}) != len(keys):
+        raise ConfigError("expected distinct API keys, got the same key under two names")
 
 
 def _url_safe(name: str) -> bool:

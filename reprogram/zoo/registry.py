@@ -89,6 +89,9 @@ def _load_state(path: Path) -> dict[str, torch.Tensor]:
         state = torch.load(str(path), map_location="cpu", weights_only=True)
     except (SafetensorError, OSError, RuntimeError, ValueError) as exc:
         raise ModelError(f"cannot read weights {str(path)!r}: {exc}") from exc
+    except Exception as exc:  # torch's unpickler raises KeyError, EOFError, ... on junk files
+        raise ModelError(f"cannot read weights {str(path)!r}: expected a state dict saved by "
+                         f"torch.save or safetensors, got {type(exc).__name__}: {exc}") from exc
     if not isinstance(state, dict):
         raise ModelError(f"expected a state dict in {str(path)!r}, got {type(state).__name__}")
     return state

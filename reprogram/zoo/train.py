@@ -48,34 +48,40 @@ def accuracy(module: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch: i
     return correct / max(len(x), 1)
 
 
-def heldout_set() -> tuple[torch.Tensor, torch.Tensor]:
-    return generate_shapes(N_HELDOUT, HELDOUT_SEED, SIZE)
+def heldout_set(n: int = N_HELDOUT) -> tuple[torch.Tensor, torch.Tensor]:
+    return generate_shapes(n, HELDOUT_SEED, SIZE)
 
 
-def train(out_dir: Path, epochs: int, seed: int) -> dict[str, object]:
+def train(out_dir: Path, epochs: int, seed: int, *, n_train: int = N_TRAIN, n_val: int = N_VAL,
+          n_heldout: int = N_HELDOUT, batch: int = 128) -> dict[str, object]:
+    """Train the default model and write its weights and metadata into ``out_dir``.
+
+    The keyword arguments shrink the run for tests; the defaults reproduce the shipped model.
+    """
+    if n_train < batch:
+        raise ValueError(f"expected n_train >= batch ({batch}), got {n_train}")
     torch.manual_seed(seed)
     t0 = time.perf_counter()
-    xtr, ytr = generate_shapes(N_TRAIN, TRAIN_SEED, SIZE)
-    xva, yva = generate_shapes(N_VAL, VAL_SEED, SIZE)
+    xtr, ytr = generate_shapes(n_train, TRAIN_SEED, SIZE)
+    xva, yva = generate_shapes(n_val, VAL_SEED, SIZE)
     xf = xtr.float() / 255.0
     mean = tuple(round(float(v), 4) for v in xf.mean(dim=(0, 2, 3)))
     std = tuple(round(float(v), 4) for v in xf.std(dim=(0, 2, 3)))
-    log.info("generated %d training images in %.1fs", N_TRAIN, time.perf_counter() - t0)
+    log.info("generated %d training images in %.1fs", n_train, time.perf_counter() - t0)
 
     from reprogram.zoo.net import Normalize
 
     net = ShapesNet(num_classes=len(SHAPE_CLASSES), width=WIDTH)
     model = torch.nn.Sequential(Normalize(mean, std), net)
-    batch = 128
-    steps = epochs * (N_TRAIN // batch)
+    steps = epochs * (n_train // batch)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=5e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=steps)
     gen = torch.Generator().manual_seed(seed)
     best, best_state = -1.0, None
     for epoch in range(epochs):
         model.train()
-        perm = torch.randperm(N_TRAIN, generator=gen)
-        for i in range(N_TRAIN // batch):
+        perm = torch.randperm(n_train, generator=gen)
+        for i in range(n_train // batch):
             idx = perm[i * batch : (i + 1) * batch]
             xb = xf[idx]
             flip = torch.rand(len(idx), generator=gen) < 0.5
@@ -99,7 +105,7 @@ def train(out_dir: Path, epochs: int, seed: int) -> dict[str, object]:
     out_dir.mkdir(parents=True, exist_ok=True)
     weights = out_dir / DEFAULT_WEIGHTS
     save_file({k: v.contiguous() for k, v in best_state.items()}, str(weights))
-    xh, yh = heldout_set()
+    xh, yh = heldout_set(n_heldout)
     record: dict[str, object] = {
         "name": "default",
         "task": "shapes",
@@ -110,8 +116,8 @@ def train(out_dir: Path, epochs: int, seed: int) -> dict[str, object]:
         "class_names": list(SHAPE_CLASSES),
         "weights_sha256": sha256_file(weights),
         "heldout_accuracy": accuracy(model, xh, yh),
-        "heldout": {"n": N_HELDOUT, "seed": HELDOUT_SEED},
-        "training": {"seed": seed, "epochs": epochs, "n_train": N_TRAIN, "train_seed": TRAIN_SEED,
+        "heldout": {"n": n_heldout, "seed": HELDOUT_SEED},
+        "training": {"seed": seed, "epochs": epochs, "n_train": n_train, "train_seed": TRAIN_SEED,
                      "val_seed": VAL_SEED, "best_val_accuracy": best,
                      "seconds": round(time.perf_counter() - t0, 1),
                      "torch": torch.__version__},

@@ -1,0 +1,78 @@
+"""Smoke runs of the benchmarks (``--quick``): they run, print their tables, write their files."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _bench(*args: str, timeout: float = 300.0) -> str:
+    proc = subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT, check=False)
+    assert proc.returncode == 0, f"{args[0]} failed:\n{proc.stderr[-3000:]}"
+    assert "Traceback" not in proc.stderr
+    return proc.stdout
+
+
+@pytest.mark.slow
+def test_accuracy_quick_prints_table_and_writes_json_and_png(tmp_path: Path) -> None:
+    out = tmp_path / "acc"
+    stdout = _bench("bench.accuracy", "--quick", "--methods", "white-box", "ours",
+                    "--out", str(out))
+    rows = {line.split()[0]: line for line in stdout.splitlines()
+            if line.split() and line.split()[0] in ("white-box", "ours")}
+    assert set(rows) == {"white-box", "ours"}
+    assert re.search(r"method\s+4,000", stdout)
+
+    record = json.loads(out.with_suffix(".json").read_text())
+    assert {"data", "oracle", "seeds", "budgets", "rows", "summary", "seconds"} <= set(record)
+    assert record["data"] == "digits" and record["seeds"] == [0] and record["budgets"] == [4000]
+    assert {r["method"] for r in record["rows"]} == {"white-box", "ours"}
+    for r in record["rows"]:
+        assert 0.0 <= r["test_accuracy"] <= 1.0 and 0.0 <= r["val_accuracy"] <= 1.0
+        assert r["queries"] <= r["budget"] == 4000 and r["steps"] >= 1
+    summary = {s["method"]: s for s in record["summary"]}
+    assert set(summary) == {"white-box", "ours"}
+    for s in summary.values():
+        assert 0.0 <= s["min"] <= s["mean"] <= s["max"] <= 1.0 and s["n"] == 1
+        assert f"{s['mean']:.3f}" in rows[s["method"]]  # the table prints the JSON's figures
+    assert summary["white-box"]["mean"] > 0.2  # above chance (10 classes)
+
+    with Image.open(out.with_suffix(".png")) as img:
+        assert img.format == "PNG" and img.width > 100 and img.height > 100
+
+
+@pytest.mark.slow
+def test_serve_quick_prints_a_throughput_ratio() -> None:
+    stdout = _bench("bench.serve", "--quick")
+    header = next(line for line in stdout.splitlines() if "HTTP/in-process" in line)
+    assert header.split()[0] == "batch"
+    ratios = {}
+    for line in stdout.splitlines():
+        cells = line.split()
+        if cells and cells[0].isdigit():
+            batch, _, local, http, ratio = (float(c) for c in cells[:5])
+            assert local > 0 and http > 0
+            assert math.isclose(ratio, http / local, rel_tol=0.05, abs_tol=0.01)
+            ratios[int(batch)] = ratio
+    assert set(ratios) == {64, 256}
+    assert all(r > 0 for r in ratios.values())
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (ROOT / "bench" / "overhead.py").exists(), reason="no bench/overhead.py")
+def test_overhead_quick_prints_a_wall_time_ratio() -> None:
+    stdout = _bench("bench.overhead", "--quick")
+    match = re.search(r"HTTP / in-process wall-time ratio: ([0-9.]+)", stdout)
+    assert match and float(match.group(1)) > 0
+    same = re.search(r"same parameters in both fits: max \|diff\| = (\S+)", stdout)
+    assert same and float(same.group(1)) < 1e-6
