@@ -3,9 +3,10 @@
 Keys come from a file (one per line, ``name:key`` or a bare ``key``; blank lines and ``#``
 comments skipped) and/or the environment variable ``REPROGRAM_API_KEYS`` (comma-separated
 entries of the same form); see :func:`load_api_keys`. A request presents its key as
-``X-API-Key: KEY`` or ``Authorization: Bearer KEY``; :class:`KeyRing` compares it with
-``hmac.compare_digest`` against every configured key (no early exit, so timing reveals neither
-which key matched nor how much of it).
+``X-API-Key: KEY`` or ``Authorization: Bearer KEY`` (``X-API-Key`` wins when both are sent);
+:class:`KeyRing` compares the SHA-256 of it with ``hmac.compare_digest`` against that of every
+configured key (equal lengths, no early exit: timing reveals neither which key matched, nor
+how much of it, nor its length).
 
 :class:`GateMiddleware` runs before any body is read: it identifies the :class:`Caller`
 (the key's *name*, never the key) and, when keys are configured, answers 401
@@ -19,6 +20,7 @@ other keys, which then get 404 exactly as for an unknown id.
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import logging
 import os
@@ -80,11 +82,16 @@ def load_api_keys(path: str | None = None,
     return tuple(keys)
 
 
+def _digest(key: str) -> bytes:
+    """SHA-256 of a key: equal-length operands for ``compare_digest`` (hides the key length)."""
+    return hashlib.sha256(key.encode("utf-8", "surrogateescape")).digest()
+
+
 class KeyRing:
     """The configured keys; :meth:`identify` maps a presented key to its name."""
 
     def __init__(self, keys: Iterable[ApiKey]) -> None:
-        self._keys = [(k.name, k.secret.encode("utf-8")) for k in keys]
+        self._keys = [(k.name, _digest(k.secret)) for k in keys]
 
     @property
     def enabled(self) -> bool:
@@ -95,7 +102,7 @@ class KeyRing:
         """The name of the key ``presented``, or None (compared in constant time)."""
         if presented is None or not self._keys:
             return None
-        given = presented.encode("utf-8", "surrogateescape")
+        given = _digest(presented)
         found = None
         for name, secret in self._keys:  # every key is compared: no early exit
             if hmac.compare_digest(given, secret) and found is None:

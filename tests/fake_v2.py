@@ -4,7 +4,9 @@
 the genuine ones) with ``http.server`` in a background thread on a loopback port, records every
 request (arrival time, method, path, headers, body) and lets a test replace any answer: a
 ``script(request) -> (status, headers, body) | None`` returns a canned reply (429, 5xx, 401, a
-wrong shape ...) or ``None`` for the normal behaviour. Used as a context manager.
+wrong shape ...) or ``None`` for the normal behaviour. With ``upstream=URL`` the normal
+behaviour is to forward the request to a real server (a counting proxy). Used as a context
+manager.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+
+import httpx
 
 from reprogram.errors import ReprogramError
 from reprogram.zoo.registry import load_model
@@ -62,10 +66,12 @@ class FakeV2:
         metadata: dict[str, Any] | None = None,
         name: str | None = None,
         listing: str = "v1",
+        upstream: str | None = None,
     ) -> None:
         self.runner = ModelRunner(_model("default"), output=OutputKind.parse(output),
                                   max_images=max_images, name=name)
         self.listing = listing  # how the server lists its models: "v1", "v2" (Triton) or "none"
+        self.upstream = httpx.Client(base_url=upstream, timeout=60) if upstream else None
         self.script = script
         self.metadata = metadata
         self.seen: list[Seen] = []
@@ -112,6 +118,8 @@ class FakeV2:
         return self.normal(seen)
 
     def normal(self, seen: Seen) -> Reply:
+        if self.upstream is not None:
+            return self.forward(seen)
         name = self.runner.name
         if self.listing == "v1" and seen.method == "GET" and seen.path == "/v1/models":
             return json_reply({"models": [name]})
@@ -132,6 +140,17 @@ class FakeV2:
             return 200, headers, out
         return error(404, f"unknown route {seen.method} {seen.path}")
 
+    def forward(self, seen: Seen) -> Reply:
+        assert self.upstream is not None
+        drop = {"host", "content-length", "connection", "accept-encoding"}
+        try:
+            r = self.upstream.request(seen.method, seen.path, content=seen.body, headers={
+                k: v for k, v in seen.headers.items() if k not in drop})
+        except httpx.TransportError as exc:
+            return error(502, f"upstream: {exc}")
+        keep = {"content-type", "retry-after", "inference-header-content-length"}
+        return r.status_code, {k: v for k, v in r.headers.items() if k.lower() in keep}, r.content
+
     # ------------------------------------------------------------------ accounting
     def requests(self, kind: str = "infer") -> list[Seen]:
         with self._lock:
@@ -145,3 +164,5 @@ class FakeV2:
         self._server.shutdown()
         self._server.server_close()
         self._thread.join(timeout=5)
+        if self.upstream is not None:
+            self.upstream.close()

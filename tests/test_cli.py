@@ -13,7 +13,6 @@ import json
 import re
 import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -159,17 +158,21 @@ BAD = {
 
 @pytest.mark.parametrize("case", list(BAD))
 def test_bad_arguments_and_data_give_one_line_and_nonzero_exit(
-        capsys: pytest.CaptureFixture[str], paths: dict[str, str], case: str) -> None:
+        capsys: pytest.CaptureFixture[str], paths: dict[str, str], case: str,
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)  # the default --out is ./prompt.safetensors
     argv, match = BAD[case]
     rc, out, err = run(capsys, *(a.format(**paths) for a in argv))
     assert_one_line_error(rc, err, match)
     assert out == ""
+    assert list(tmp_path.iterdir()) == []  # nothing written
 
 
-def _script(*argv: str, timeout: float = 60.0) -> tuple[int, str, str, float]:
+def _script(*argv: str, cwd: Path | None = None,
+            timeout: float = 60.0) -> tuple[int, str, str, float]:
     t0 = time.monotonic()
     proc = subprocess.run([*cli_command(), *argv], capture_output=True, text=True,
-                          timeout=timeout, check=False)
+                          timeout=timeout, cwd=cwd, check=False)
     return proc.returncode, proc.stdout, proc.stderr, time.monotonic() - t0
 
 
@@ -182,10 +185,10 @@ def test_console_script_errors_are_one_line(paths: dict[str, str]) -> None:
     assert_one_line_error(rc, err, "truncated or foreign")
 
 
-def test_unreachable_endpoint_fails_fast_with_a_clear_error() -> None:
+def test_unreachable_endpoint_fails_fast_with_a_clear_error(tmp_path: Path) -> None:
     url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     rc, out, err, seconds = _script("fit", "--endpoint", url, "--data", "digits", "--budget",
-                                    str(FIT_BUDGET), "--no-progress")
+                                    str(FIT_BUDGET), "--no-progress", cwd=tmp_path)
     assert_one_line_error(rc, err, f"Connect.*is a server running at {url}")
     assert out == ""
     assert seconds < 30  # interpreter start-up and imports included
@@ -278,6 +281,3 @@ def test_resume_with_other_options_is_refused(capsys: pytest.CaptureFixture[str]
     assert_one_line_error(rc, err, r"other settings \(lr\)")
     assert stdout == "" and not (tmp_path / "p.safetensors").exists()
 
-
-def test_console_script_exists() -> None:
-    assert Path(cli_command()[0]).exists() or cli_command()[0] == sys.executable
