@@ -117,13 +117,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--timeout", type=float, default=3600.0, help="seconds for the whole run")
     p.add_argument("--print-command", action="store_true",
-                   help="print the schemathesis command for a server at $URL and exit")
+                   help="print the schemathesis.toml and command for a server at $URL, exit")
     args = p.parse_args(argv)
     if args.max_examples < 1 or args.workers < 1:
         p.error("expected --max-examples >= 1 and --workers >= 1")
     if args.print_command:
         cmd = schemathesis_command("$URL", Path("schemathesis.toml"), args.max_examples,
                                    args.seed, args.workers)
+        print("# schemathesis.toml (PROMPT_ID: a hosted prompt, KEY: an API key of the server):")
+        print(CONFIG.format(pid="PROMPT_ID", key="KEY"))
         print(" ".join(f"'{c}'" if " " in c else c for c in cmd))
         return 0
     start = time.perf_counter()
