@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import struct
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +22,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from reprogram.errors import ArtifactError, ConfigError, DataError
+from reprogram.fsutil import write_atomic
 from reprogram.labelmaps import LabelMapSpec, build_labelmap
 from reprogram.pipeline import Reprogrammer
 from reprogram.programs import ProgramSpec, build_program
@@ -124,20 +123,7 @@ def dump_prompt(prompt: Prompt) -> bytes:
 
 def save_prompt(prompt: Prompt, path: str | Path) -> Path:
     """Write atomically (temporary file + rename): an existing file is never half-replaced."""
-    path = Path(path)
-    data = dump_prompt(prompt)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_atomic(Path(path), dump_prompt(prompt))
 
 
 def _header(data: bytes) -> dict[str, Any]:

@@ -9,11 +9,10 @@ same parameters as an uninterrupted one.
 
 from __future__ import annotations
 
+import io
 import logging
 import math
-import os
 import pickle
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -26,6 +25,7 @@ from reprogram.artifact import Prompt
 from reprogram.config import FitConfig
 from reprogram.data import TargetDataset
 from reprogram.errors import BudgetExhausted, ConfigError
+from reprogram.fsutil import write_atomic
 from reprogram.labelmaps import build_labelmap
 from reprogram.oracles import Oracle
 from reprogram.pipeline import Reprogrammer
@@ -79,15 +79,9 @@ def _snapshot(model: Reprogrammer) -> dict[str, torch.Tensor]:
 
 
 def _save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(payload, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    write_atomic(path, buffer.getvalue())
 
 
 MAX_EVALUATIONS = 25

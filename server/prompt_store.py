@@ -22,16 +22,14 @@ the command line) are visible to every key and cannot be deleted through a key.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
-import os
-import tempfile
 import threading
 import time
 from pathlib import Path
 
+from reprogram import fsutil
 from reprogram.artifact import check_compatible, loads_prompt
 from reprogram.errors import ArtifactError, ReprogramError
 from server.gate import visible_to
@@ -76,19 +74,8 @@ def prompt_id(data: bytes) -> str:
 
 
 def write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see the old state or all of ``data``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
+    """Write a prompt-store file atomically (its temporary files are swept at startup)."""
+    fsutil.write_atomic(path, data, prefix=TMP_PREFIX)
 
 
 def owners_path(path: Path) -> Path:
@@ -109,15 +96,6 @@ def read_owners(path: Path) -> set[str]:
 
 def _write_owners(path: Path, owners: set[str]) -> None:
     write_atomic(owners_path(path), json.dumps(sorted(owners)).encode("utf-8"))
-
-
-def _fsync_dir(folder: Path) -> None:
-    with contextlib.suppress(OSError):  # not every platform can open a folder
-        dfd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
 
 
 class PromptStore:
@@ -323,7 +301,7 @@ class PromptStore:
                     owners_path(path).unlink(missing_ok=True)
                 except OSError as exc:
                     raise StorageError(f"cannot delete prompt {pid!r}: {exc.strerror}") from None
-                _fsync_dir(path.parent)
+                fsutil.fsync_dir(path.parent)
                 del self._paths[pid]
             del self._prompts[pid]
             self.registry.remove(pid)
