@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from reprogram import protocol
+from reprogram import codecs, protocol
 from reprogram.errors import ProtocolError
 from reprogram.protocol import OutputTensor, RequestedOutput
 
@@ -170,9 +170,9 @@ def test_binary_size_must_match_shape_and_be_exclusive_with_data() -> None:
 
 def test_bytes_tensor_framing_errors() -> None:
     with pytest.raises(ProtocolError, match="length prefix"):
-        protocol.deserialize_bytes_tensor(b"\x01\x00")
+        codecs.deserialize_bytes_tensor(b"\x01\x00")
     with pytest.raises(ProtocolError, match="expected 5 bytes"):
-        protocol.deserialize_bytes_tensor(b"\x05\x00\x00\x00abc")
+        codecs.deserialize_bytes_tensor(b"\x05\x00\x00\x00abc")
 
 
 def test_classification_strings() -> None:
