@@ -1,4 +1,4 @@
-"""Open Inference Protocol (KServe V2) messages and tensor codecs, shared by server and client.
+"""Open Inference Protocol (KServe V2) messages and body framing, shared by server and client.
 
 The V2 REST protocol (https://kserve.github.io/website/docs/concepts/architecture/data-plane/
 v2-protocol) sends tensors as JSON ``{"name", "shape", "datatype", "data"}`` with ``data``
