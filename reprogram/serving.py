@@ -41,14 +41,17 @@ def add_serve_parser(sub: Any, model_args: Callable[[argparse.ArgumentParser], N
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8080)
     s.add_argument("--max-images", type=int, default=4096, help="images per request")
+    s.add_argument("--api-keys-file", default=None,
+                   help="keys that clients of this server must present, one 'name:key' per "
+                        "line (and/or $REPROGRAM_API_KEYS); default: open")
     s.add_argument("--log-level", choices=LOG_LEVELS, default="info")
 
 
 def cmd_serve(args: argparse.Namespace, oracle: Oracle) -> int:
-    """Serve ``args.prompt`` on ``oracle`` with uvicorn until interrupted."""
-    import uvicorn
-
+    """Serve ``args.prompt`` on ``oracle`` until SIGTERM or Ctrl-C (as ``reprogram-server``)."""
     from server.app import create_app  # submodules: robust to a stale editable install
+    from server.gate import load_api_keys
+    from server.lifecycle import serve
     from server.settings import OutputKind, Settings
 
     if not args.prompt and not args.prompts_dir:
@@ -56,7 +59,8 @@ def cmd_serve(args: argparse.Namespace, oracle: Oracle) -> int:
                           " to)")
     settings = Settings(served_name=args.name, output=OutputKind.parse(oracle.info.output_kind),
                         max_images_per_request=args.max_images, prompts_dir=args.prompts_dir,
-                        host=args.host, port=args.port, log_level=args.log_level)
+                        host=args.host, port=args.port, log_level=args.log_level,
+                        api_keys=load_api_keys(args.api_keys_file))
     logging.getLogger().setLevel(args.log_level.upper())
     if args.log_level != "debug":  # httpx logs every proxied request at INFO
         logging.getLogger("httpx").setLevel(logging.WARNING)
@@ -68,7 +72,7 @@ def cmd_serve(args: argparse.Namespace, oracle: Oracle) -> int:
     log.info("source: %s (%s); listening on http://%s:%d", oracle.info.name,
              getattr(oracle, "url", "local"), args.host, args.port)
     try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+        serve(app, settings)  # graceful SIGTERM: readiness off, in-flight requests finish
     finally:
         close = getattr(oracle, "close", None)
         if callable(close):
