@@ -7,6 +7,12 @@ terminated (then killed) when the requesting module finishes.
 
 from __future__ import annotations
 
+import os
+
+# Before torch loads (test modules import it before reprogram): spinning OpenMP threads make
+# every torch call several times slower when a server process shares the 2 cores.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import shutil
 import socket
 import subprocess
@@ -20,6 +26,9 @@ from typing import IO
 
 import httpx
 import pytest
+import torch
+
+from reprogram.zoo.registry import SourceModel, load_model
 
 READY_TIMEOUT_S = 90.0
 
@@ -89,3 +98,18 @@ def live_server() -> Iterator[Callable[..., str]]:
             return base_url
 
         yield start
+
+
+@pytest.fixture(scope="session")
+def model() -> SourceModel:
+    """The shipped default source model (frozen; shared by every test)."""
+    return load_model("default")
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """One torch thread for the test (the suite shares 2 cores with server processes)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

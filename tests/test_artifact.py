@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import pickle
 import struct
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,23 +27,13 @@ from reprogram.labelmaps import LabelMapSpec, build_labelmap
 from reprogram.oracles import LocalOracle
 from reprogram.pipeline import Reprogrammer
 from reprogram.programs import ProgramSpec, build_program
-from reprogram.zoo.registry import SourceModel, load_model
+from reprogram.zoo.registry import SourceModel
 
 CLASSES = ("alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel", "india",
            "juliet")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def model() -> SourceModel:
-    return load_model("default")
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _prompt(kind: str = "frequency", source: dict[str, Any] | None = None) -> Prompt:

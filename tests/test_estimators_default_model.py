@@ -36,7 +36,7 @@ from reprogram.labelmaps import LabelMapSpec, build_labelmap
 from reprogram.oracles import LocalOracle
 from reprogram.pipeline import Reprogrammer
 from reprogram.programs import build_program
-from reprogram.zoo.registry import SourceModel, load_model
+from reprogram.zoo.registry import SourceModel
 
 log = logging.getLogger(__name__)
 
@@ -52,11 +52,6 @@ class Problem:
 
     def objective(self, oracle: LocalOracle) -> Objective:
         return self.reprogrammer.objective(self.x, self.y, oracle)
-
-
-@pytest.fixture(scope="module")
-def model() -> SourceModel:
-    return load_model()
 
 
 def _problem(kind: ProgramKind) -> Problem:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,20 +17,9 @@ from reprogram.errors import ConfigError, EstimatorError
 from reprogram.estimators import RGFEstimator, SPSAEstimator
 from reprogram.fit import FitResult, Fitter, fit, plan
 from reprogram.oracles import LocalOracle, ModelInfo, Oracle
-from reprogram.zoo.registry import SourceModel, load_model
+from reprogram.zoo.registry import SourceModel
 
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def model() -> SourceModel:
-    return load_model("default")
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -36,24 +36,14 @@ from reprogram.data import TargetDataset, load_digits
 from reprogram.fit import FitResult, fit
 from reprogram.http_oracle import HttpOracle, RetryPolicy
 from reprogram.oracles import LocalOracle
-from reprogram.zoo.registry import SourceModel, load_model
+from reprogram.zoo.registry import SourceModel
 
 pytestmark = pytest.mark.slow
 
 PARAM_TOL = 1e-5
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def model() -> SourceModel:
-    return load_model("default")
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +28,7 @@ from reprogram import protocol
 from reprogram.errors import BudgetExhausted, ConfigError, OracleError
 from reprogram.http_oracle import HttpOracle, RetryPolicy
 from reprogram.oracles import LocalOracle, WireDtype
-from reprogram.zoo.registry import SourceModel, load_model
+from reprogram.zoo.registry import SourceModel
 
 pytestmark = pytest.mark.slow
 
@@ -36,17 +36,7 @@ TOL = 1e-5
 FAST = RetryPolicy(max_retries=3, base=0.01, cap=0.05)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def model() -> SourceModel:
-    return load_model("default")
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

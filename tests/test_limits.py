@@ -17,17 +17,12 @@ from ops_support import AsgiClient, infer_body
 from prompt_support import png
 
 from reprogram.errors import ConfigError
-from reprogram.zoo.registry import SourceModel, load_model
+from reprogram.zoo.registry import SourceModel
 from server import Settings, create_app
 from server.quota import Ledger, QuotaExhausted, RateLimited
 from server.settings import ApiKey
 
 INFER = "/v2/models/default/infer"
-
-
-@pytest.fixture(scope="module")
-def model() -> SourceModel:
-    return load_model()
 
 
 class Clock:

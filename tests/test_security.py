@@ -18,7 +18,7 @@ from ops_support import AsgiClient, infer_body
 from prompt_support import png, random_prompt
 
 from reprogram.errors import ConfigError
-from reprogram.zoo.registry import SourceModel, load_model
+from reprogram.zoo.registry import SourceModel
 from server import Settings, create_app
 from server.gate import KeyRing, load_api_keys, presented_key
 from server.main import main, parse_settings
@@ -30,11 +30,6 @@ BOB = "bob-0123456789abcdef00"
 KEYS = (ApiKey(name="alice", secret=ALICE), ApiKey(name="bob", secret=BOB))
 A = {"Authorization": f"Bearer {ALICE}"}
 B = {"X-API-Key": BOB}
-
-
-@pytest.fixture(scope="module")
-def model() -> SourceModel:
-    return load_model()
 
 
 def make(model: SourceModel, prompts: Path | None = None, **opts: object) -> AsgiClient:

@@ -23,7 +23,7 @@ from PIL import Image
 
 from reprogram import protocol
 from reprogram.protocol import RequestedOutput
-from reprogram.zoo.registry import SourceModel, load_model
+from reprogram.zoo.registry import SourceModel
 from reprogram.zoo.shapes import generate_shapes
 from server import Settings, create_app
 from server import app as app_module
@@ -67,11 +67,6 @@ class Client:
         r = self.post(f"/v2/models/{model}/infer", content=body, headers=headers)
         assert r.status_code == 200, r.text
         return protocol.decode_response(r.content, r.headers)
-
-
-@pytest.fixture(scope="module")
-def model() -> SourceModel:
-    return load_model()
 
 
 @pytest.fixture(scope="module")
