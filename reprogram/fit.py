@@ -50,7 +50,6 @@ class FitResult:
     queries: dict[str, int]
     stop_reason: str
     seconds: float
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -118,7 +117,6 @@ class Fitter:
         self.oracle = oracle
         self.train, self.val, self.test = data.split(cfg.val_fraction, cfg.test_fraction,
                                                      cfg.seed)
-        self.class_names = data.class_names
         info = oracle.info
         program = build_program(cfg.program_spec(info.input_size), seed=cfg.seed)
         labelmap = build_labelmap(cfg.labelmap_spec(info.num_classes, data.num_classes))
