@@ -23,31 +23,22 @@ from reprogram.config import recommended_config
 from reprogram.data import load_dataset
 from reprogram.fit import fit
 from reprogram.http_oracle import HttpOracle
-from reprogram.oracles import LocalOracle, ModelInfo, Oracle
+from reprogram.oracles import LocalOracle, Oracle, OracleWrapper
 from reprogram.zoo.registry import load_model
 from reprogram.zoo.shapes import generate_shapes
 
 
-class TimedOracle(Oracle):
+class TimedOracle(OracleWrapper):
     """Wraps an oracle and adds up the seconds spent in its queries."""
 
     def __init__(self, inner: Oracle) -> None:
-        super().__init__()
-        self.inner = inner
+        super().__init__(inner)
         self.seconds = 0.0
-
-    @property
-    def info(self) -> ModelInfo:
-        return self.inner.info
-
-    @property
-    def differentiable(self) -> bool:
-        return self.inner.differentiable
 
     def _query(self, x: torch.Tensor) -> tuple[torch.Tensor, int]:
         t0 = time.perf_counter()
         try:
-            return self.inner._query(x)
+            return super()._query(x)
         finally:
             self.seconds += time.perf_counter() - t0
 

@@ -7,6 +7,9 @@ got, and what to do.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
+from typing import Any
+
 
 class ReprogramError(Exception):
     """Base class of every error raised on purpose by ``reprogram``."""
@@ -42,3 +45,19 @@ class BudgetExhausted(ReprogramError, RuntimeError):
 
 class EstimatorError(ReprogramError, TypeError):
     """An estimator was combined with an oracle it cannot use."""
+
+
+def spec_fields(name: str, d: object, known: Iterable[str],
+                required: Iterable[str]) -> dict[str, Any]:
+    """The fields of a JSON spec ``d`` for the dataclass ``name``: a mapping with no unknown
+    and no missing keys, else :class:`ConfigError` saying which."""
+    if not isinstance(d, Mapping):
+        raise ConfigError(f"expected a mapping for {name}, got {type(d).__name__}")
+    known = set(known)
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise ConfigError(f"expected {name} keys among {sorted(known)}, got {unknown}")
+    missing = sorted(set(required) - set(d))
+    if missing:
+        raise ConfigError(f"expected {name} keys {missing}, got none")
+    return dict(d)

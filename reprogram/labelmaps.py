@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from reprogram.errors import ConfigError, DataError
+from reprogram.errors import ConfigError, DataError, spec_fields
 
 __all__ = [
     "LabelMap",
@@ -119,16 +119,8 @@ class LabelMapSpec:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> LabelMapSpec:
         """Build and validate a spec from :meth:`to_dict` output; :class:`ConfigError` if bad."""
-        if not isinstance(d, Mapping):
-            raise ConfigError(f"expected a mapping for LabelMapSpec, got {type(d).__name__}")
-        known = set(cls.__dataclass_fields__)
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ConfigError(f"expected LabelMapSpec keys among {sorted(known)}, got {unknown}")
-        missing = sorted({"kind", "num_source", "num_target"} - set(d))
-        if missing:
-            raise ConfigError(f"expected LabelMapSpec keys {missing}, got none")
-        return cls(**dict(d))
+        return cls(**spec_fields("LabelMapSpec", d, cls.__dataclass_fields__,
+                                 ("kind", "num_source", "num_target")))
 
 
 def greedy_assignment(freq: Tensor, sources_per_target: int = 1) -> Tensor:

@@ -212,3 +212,28 @@ class LocalOracle(Oracle):
                   for i in range(0, x.shape[0], self.max_batch)]
         logits = torch.cat(chunks)
         return reduce_scores(logits, self._info.output_kind), 1
+
+
+class OracleWrapper(Oracle):
+    """An oracle seen through another: delegates everything to ``inner`` and keeps its own
+    counts and budget. Subclasses override :meth:`_query` to observe or change queries."""
+
+    def __init__(self, inner: Oracle, *, budget: int | None = None,
+                 max_requests: int | None = None) -> None:
+        super().__init__(budget=budget, max_requests=max_requests)
+        self.inner = inner
+
+    @property
+    def info(self) -> ModelInfo:
+        return self.inner.info
+
+    @property
+    def differentiable(self) -> bool:
+        return self.inner.differentiable
+
+    @property
+    def device(self) -> torch.device:
+        return self.inner.device
+
+    def _query(self, x: torch.Tensor) -> tuple[torch.Tensor, int]:
+        return self.inner._query(x)

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from reprogram.errors import ConfigError, DataError
+from reprogram.errors import ConfigError, DataError, spec_fields
 
 __all__ = [
     "InputTransform",
@@ -200,16 +200,8 @@ class ProgramSpec:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> ProgramSpec:
         """Build and validate a spec from :meth:`to_dict` output; :class:`ConfigError` if bad."""
-        if not isinstance(d, Mapping):
-            raise ConfigError(f"expected a mapping for ProgramSpec, got {type(d).__name__}")
-        known = set(cls.__dataclass_fields__)
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ConfigError(f"expected ProgramSpec keys among {sorted(known)}, got {unknown}")
-        missing = sorted({"kind", "frame_size", "inner_size"} - set(d))
-        if missing:
-            raise ConfigError(f"expected ProgramSpec keys {missing}, got none")
-        kwargs = dict(d)
+        kwargs = spec_fields("ProgramSpec", d, cls.__dataclass_fields__,
+                             ("kind", "frame_size", "inner_size"))
         fs = kwargs["frame_size"]
         if not isinstance(fs, list | tuple):
             raise ConfigError(f"expected frame_size as [H, W], got {fs!r}")

@@ -16,7 +16,7 @@ from reprogram.data import TargetDataset, load_digits
 from reprogram.errors import ConfigError, EstimatorError
 from reprogram.estimators import RGFEstimator, SPSAEstimator
 from reprogram.fit import FitResult, Fitter, fit, plan
-from reprogram.oracles import LocalOracle, ModelInfo, Oracle
+from reprogram.oracles import LocalOracle, OracleWrapper
 from reprogram.zoo.registry import SourceModel
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -38,7 +38,7 @@ def _cfg(**kw: Any) -> FitConfig:
     return FitConfig(**{**base, **kw})
 
 
-class SpyOracle(Oracle):
+class SpyOracle(OracleWrapper):
     """A LocalOracle seen through a log: every query's size and which target images it held.
 
     The target image sits unchanged in the centre of every frame (pad program, inner size =
@@ -47,8 +47,7 @@ class SpyOracle(Oracle):
 
     def __init__(self, inner: LocalOracle, splits: dict[str, TargetDataset], inner_size: int,
                  budget: int | None = None) -> None:
-        super().__init__(budget=budget)
-        self.inner = inner
+        super().__init__(inner, budget=budget)
         self.keys: dict[bytes, str] = {}
         for name, part in splits.items():
             for img in part.images:
@@ -63,14 +62,6 @@ class SpyOracle(Oracle):
     def _key(img: torch.Tensor) -> bytes:
         return bytes(img.to(torch.uint8).contiguous().numpy().tobytes())
 
-    @property
-    def info(self) -> ModelInfo:
-        return self.inner.info
-
-    @property
-    def differentiable(self) -> bool:
-        return self.inner.differentiable
-
     def _query(self, x: torch.Tensor) -> tuple[torch.Tensor, int]:
         t, s = self.top, self.size
         centre = torch.round(x.detach()[:, :, t : t + s, t : t + s] * 255)
@@ -81,7 +72,7 @@ class SpyOracle(Oracle):
             if self.keys[key] == "test":
                 self.test_seen.append(key)
         self.log.append(counts)
-        return self.inner._query(x)
+        return super()._query(x)
 
 
 def _spy(model: SourceModel, cfg: FitConfig, data: TargetDataset,
