@@ -53,7 +53,8 @@ def _tail(log: IO[bytes], limit: int = 4000) -> str:
     return log.read().decode("utf-8", "replace")[-limit:]
 
 
-def _stop(proc: subprocess.Popen[bytes]) -> None:
+def stop_process(proc: subprocess.Popen[bytes]) -> None:
+    """Terminate ``proc`` (then kill it if it lingers past 10 s)."""
     if proc.poll() is None:
         proc.terminate()
         try:
@@ -92,7 +93,7 @@ def live_server() -> Iterator[Callable[..., str]]:
             log = stack.enter_context(tempfile.TemporaryFile())
             cmd = [*server_command(), "--host", "127.0.0.1", "--port", str(port), *args]
             proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-            stack.callback(_stop, proc)  # runs before the log closes (LIFO)
+            stack.callback(stop_process, proc)  # runs before the log closes (LIFO)
             base_url = f"http://127.0.0.1:{port}"
             wait_ready(base_url, proc, log, timeout)
             return base_url
