@@ -17,8 +17,8 @@ import os
 import statistics
 import sys
 import time
-from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor
+from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +45,14 @@ METHODS: dict[str, dict[str, Any]] = {
                          "optimizer": "spsa-gc", "lr": 0.01, "labelmap": "frequency"},
     # our defaults for an endpoint (what `reprogram fit --endpoint` uses)
     "ours": dict(RECOMMENDED["rgf"], estimator="rgf"),
+    # our defaults with one ingredient changed, to show what each is worth
+    "ours-antithetic": dict(RECOMMENDED["rgf"], estimator="rgf", antithetic=True),
+    "ours-no-grid": dict(RECOMMENDED["rgf"], estimator="rgf", resolution=None),
+    "ours-pad": dict(RECOMMENDED["rgf"], estimator="rgf", program="pad"),
+    "ours-spsa": dict(RECOMMENDED["spsa"], estimator="spsa"),
+    "ours-first-map": dict(RECOMMENDED["rgf"], estimator="rgf", labelmap="first"),
+    "ours-frequency-map": dict(RECOMMENDED["rgf"], estimator="rgf", labelmap="frequency"),
+    "ours-iterative-map": dict(RECOMMENDED["rgf"], estimator="rgf", labelmap="iterative"),
 }
 
 QUICK_BUDGETS = (4000,)
@@ -75,10 +83,25 @@ def parse_method(spec: str) -> tuple[str, dict[str, Any]]:
     return name, base
 
 
+def job_config(job: dict[str, Any]) -> FitConfig:
+    return FitConfig(**job["fields"], budget=job["budget"], seed=job["seed"])
+
+
+def job_key(method: str, budget: int, seed: int, data: str, output: str,
+            config: dict[str, Any]) -> str:
+    """What identifies one fit's result: a resumed run reuses a row only if all of it matches."""
+    return json.dumps([method, budget, seed, data, output, config], sort_keys=True)
+
+
+def row_key(row: dict[str, Any]) -> str:
+    return job_key(row["method"], row["budget"], row["seed"], row["data"], row["output"],
+                   row["config"])
+
+
 def run_one(job: dict[str, Any]) -> dict[str, Any]:
     """One fit (executed in a worker process)."""
     torch.set_num_threads(job["threads"])
-    cfg = FitConfig(**job["fields"], budget=job["budget"], seed=job["seed"])
+    cfg = job_config(job)
     oracle: Oracle
     if job["endpoint"]:
         from reprogram.http_oracle import HttpOracle
@@ -91,10 +114,33 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
     t0 = time.perf_counter()
     result = fit(cfg, oracle, data)
     return {"method": job["method"], "seed": job["seed"], "budget": job["budget"],
-            "data": job["data"], "test_accuracy": result.test_accuracy,
+            "data": job["data"], "output": job["output"],
+            "oracle": f"HTTP {job['endpoint']}" if job["endpoint"] else job["device"],
+            "test_accuracy": result.test_accuracy,
             "val_accuracy": result.best_val_accuracy, "queries": result.queries["images"],
             "steps": result.steps, "seconds": round(time.perf_counter() - t0, 2),
             "config": cfg.to_dict()}
+
+
+def _cost(job: dict[str, Any]) -> float:
+    # white-box steps cost one query per image but a backward pass each: about 4-10x the wall
+    # time of a black-box fit per query (measured); the biggest fits start first
+    return job["budget"] * (6.0 if job["fields"].get("estimator") == "autograd" else 1.0)
+
+
+def run_jobs(jobs: Sequence[dict[str, Any]], workers: int,
+             done: Callable[[dict[str, Any]], None]) -> None:
+    """Run every job (largest first), calling ``done(row)`` as each finishes."""
+    ordered = sorted(jobs, key=_cost, reverse=True)
+    if workers <= 1:
+        for job in ordered:
+            done(run_one(job))
+        return
+    spawn = multiprocessing.get_context("spawn")  # CUDA-safe workers
+    with ProcessPoolExecutor(workers, mp_context=spawn) as pool:
+        futures = [pool.submit(run_one, job) for job in ordered]
+        for future in as_completed(futures):
+            done(future.result())
 
 
 def summarize(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -132,18 +178,26 @@ def plot(summary: Sequence[dict[str, Any]], path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
-    for m in dict.fromkeys(s["method"] for s in summary):
+    fig, ax = plt.subplots(figsize=(8.5, 4.8), dpi=110)
+    methods = list(dict.fromkeys(s["method"] for s in summary))
+    cmap = plt.get_cmap("tab20")
+    colors = [cmap(k) for k in range(20)]
+    for i, m in enumerate(methods):
         pts = sorted((s for s in summary if s["method"] == m), key=lambda s: s["budget"])
         xs = [p["budget"] for p in pts]
-        ax.plot(xs, [p["mean"] for p in pts], marker="o", label=m)
-        ax.fill_between(xs, [p["min"] for p in pts], [p["max"] for p in pts], alpha=0.2)
+        ours = m.startswith("ours")
+        color = colors[(2 * i) % 20 if i < 10 else (2 * i + 1) % 20]
+        ax.plot(xs, [p["mean"] for p in pts], marker="o" if ours else "s", color=color,
+                linestyle="-" if ours else "--", linewidth=2.2 if m == "ours" else 1.4,
+                label=m)
+        ax.fill_between(xs, [p["min"] for p in pts], [p["max"] for p in pts], color=color,
+                        alpha=0.15)
     ax.set_xscale("log")
     ax.set_xlabel("image queries (budget)")
     ax.set_ylabel("test accuracy")
     ax.set_ylim(0, 1)
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
     ax.set_title(title)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -154,8 +208,9 @@ def plot(summary: Sequence[dict[str, Any]], path: Path, title: str) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.accuracy", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--methods", nargs="+", default=list(METHODS),
-                   help="names from the registry, or NAME=key:value,... FitConfig fields")
+    p.add_argument("--methods", nargs="+", default=None,
+                   help="names from the registry, or NAME=key:value,... FitConfig fields "
+                        "(default: all; with --endpoint, all but white-box)")
     p.add_argument("--budgets", type=int, nargs="+", default=None)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--data", default="digits")
@@ -166,34 +221,67 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=0, help="torch threads per fit (0: auto)")
     p.add_argument("--out", default="bench/results/accuracy")
     p.add_argument("--quick", action="store_true", help="smoke run: tiny budget, one seed")
+    p.add_argument("--resume", action="store_true",
+                   help="reuse the finished fits recorded in OUT.jsonl (same method, config, "
+                        "budget, seed, data and output) and run only the rest; without it "
+                        "OUT.jsonl starts empty")
     args = p.parse_args(argv)
     budgets = tuple(args.budgets or (QUICK_BUDGETS if args.quick else DEFAULT_BUDGETS))
     seeds = args.seeds[:1] if args.quick else args.seeds
-    methods = [parse_method(m) for m in args.methods]
+    methods = [parse_method(m) for m in args.methods or list(METHODS)]
+    if args.endpoint:
+        exact = [name for name, fields in methods if fields.get("estimator") == "autograd"]
+        if args.methods and exact:
+            raise SystemExit(f"{', '.join(exact)} need{'s' if len(exact) == 1 else ''} exact "
+                             "gradients, which an endpoint "
+                             "cannot give: drop them from --methods or leave out --endpoint")
+        methods = [(n, f) for n, f in methods if f.get("estimator") != "autograd"]
     threads = args.threads or max(1, (os.cpu_count() or 1) // max(args.jobs, 1))
     jobs = [{"method": name, "fields": fields, "budget": b, "seed": s, "data": args.data,
              "output": args.output, "endpoint": args.endpoint, "device": args.device,
              "threads": threads}
             for name, fields in methods for b in budgets for s in seeds]
-    t0 = time.perf_counter()
-    rows: list[dict[str, Any]] = []
-    if args.jobs > 1:
-        spawn = multiprocessing.get_context("spawn")  # CUDA-safe workers
-        with ProcessPoolExecutor(args.jobs, mp_context=spawn) as pool:
-            for row in pool.map(run_one, jobs):
-                rows.append(row)
-                print(f"  {row['method']:<22} seed {row['seed']} budget {row['budget']:>9,}: "
-                      f"test {row['test_accuracy']:.3f} ({row['seconds']}s)", file=sys.stderr)
-    else:
-        for job in jobs:
-            row = run_one(job)
-            rows.append(row)
-            print(f"  {row['method']:<22} seed {row['seed']} budget {row['budget']:>9,}: "
-                  f"test {row['test_accuracy']:.3f} ({row['seconds']}s)", file=sys.stderr)
-    summary = summarize(rows)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    where = f"HTTP {args.endpoint}" if args.endpoint else f"local uint8 oracle ({args.device})"
+    stream = out.with_suffix(".jsonl")  # one line per finished fit, written as it finishes
+    earlier: dict[str, dict[str, Any]] = {}
+    if args.resume and stream.exists():
+        for line in stream.read_text().splitlines():
+            if line.strip():
+                row = json.loads(line)
+                earlier[row_key(row)] = row
+    rows: list[dict[str, Any]] = []
+    todo = []
+    for job in jobs:
+        key = job_key(job["method"], job["budget"], job["seed"], job["data"], job["output"],
+                      job_config(job).to_dict())
+        if key in earlier:
+            rows.append(earlier[key])
+        else:
+            todo.append(job)
+    if args.resume:
+        # appended to, never rewritten: rows of other methods or budgets stay in the file
+        print(f"resuming: {len(rows)} fits from {stream}, {len(todo)} to run", file=sys.stderr)
+    else:
+        stream.write_text("")
+
+    def done(row: dict[str, Any]) -> None:
+        rows.append(row)
+        with stream.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        print(f"  {row['method']:<22} seed {row['seed']} budget {row['budget']:>9,}: "
+              f"test {row['test_accuracy']:.3f} ({row['seconds']}s) "
+              f"[{len(rows)}/{len(jobs)}]", file=sys.stderr, flush=True)
+
+    t0 = time.perf_counter()
+    run_jobs(todo, args.jobs, done)
+    order = {job_key(j["method"], j["budget"], j["seed"], j["data"], j["output"],
+                     job_config(j).to_dict()): i for i, j in enumerate(jobs)}
+    rows.sort(key=lambda r: order[row_key(r)])
+    summary = summarize(rows)
+    # resumed rows may come from another machine: name every oracle that made the table
+    where = ", ".join(sorted({f"HTTP {r['oracle'][5:]}" if r["oracle"].startswith("HTTP")
+                              else f"local uint8 oracle ({r['oracle']})" for r in rows}))
     record = {"data": args.data, "output": args.output, "oracle": where, "seeds": seeds,
               "budgets": list(budgets), "rows": rows, "summary": summary,
               "seconds": round(time.perf_counter() - t0, 1)}

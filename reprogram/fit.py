@@ -14,7 +14,8 @@ import logging
 import math
 import pickle
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,10 @@ log = logging.getLogger(__name__)
 
 Callback = Callable[[dict[str, Any]], None]
 
+# where a fit's wall time goes: model queries (all of them), then the client's work in each
+# phase without its queries (estimator: candidates, program rendering, label map and loss)
+PHASES = ("queries", "estimator", "optimizer", "validation", "labelmap_fit", "test")
+
 
 @dataclass
 class FitResult:
@@ -50,6 +55,8 @@ class FitResult:
     queries: dict[str, int]
     stop_reason: str
     seconds: float
+    # wall seconds of this process's run per phase (PHASES), model queries apart
+    timings: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -145,6 +152,20 @@ class Fitter:
                                                              self.total_steps)
         self.state = _State()
         self.state.data_gen.manual_seed(cfg.seed + 1)
+        # seconds per phase, model queries apart (see _phase); not saved in checkpoints
+        self.timings = dict.fromkeys(PHASES, 0.0)
+
+    @contextmanager
+    def _phase(self, name: str) -> Iterator[None]:
+        """Add the wall time of the block to ``timings[name]``, less the oracle's query time,
+        which goes to ``timings["queries"]``."""
+        t0, q0 = time.perf_counter(), self.oracle.query_seconds
+        try:
+            yield
+        finally:
+            queries = self.oracle.query_seconds - q0
+            self.timings["queries"] += queries
+            self.timings[name] += time.perf_counter() - t0 - queries
 
     # ----------------------------------------------------------------- checkpoints
     def checkpoint_payload(self) -> dict[str, Any]:
@@ -197,7 +218,8 @@ class Fitter:
     # ----------------------------------------------------------------- the loop
     def _evaluate(self, loss: float | None) -> dict[str, Any]:
         s = self.state
-        acc = self.model.accuracy(self.val.images, self.val.labels, self.oracle)
+        with self._phase("validation"):
+            acc = self.model.accuracy(self.val.images, self.val.labels, self.oracle)
         if acc > s.best_val:
             s.best_val, s.best_step, s.best_tensors = acc, s.step, _snapshot(self.model)
         s.last_eval_step = s.step
@@ -212,7 +234,8 @@ class Fitter:
         perm = torch.randperm(len(self.train), generator=s.data_gen)
         lm = self.model.labelmap
         if s.batch_idx == 0 and lm.needs_fit and (s.epoch == 0 or lm.refit_every_epoch):
-            self.model.fit_labelmap(self.train.images, self.train.labels, self.oracle)
+            with self._phase("labelmap_fit"):
+                self.model.fit_labelmap(self.train.images, self.train.labels, self.oracle)
         return perm
 
     def run(self, callback: Callback | None = None) -> str:
@@ -236,15 +259,18 @@ class Fitter:
             cost = self.estimator.queries_per_step * len(idx)
             if not self.oracle.can_afford(cost + reserve):
                 return "budget"
-            objective = self.model.objective(self.x_train[idx], self.y_train[idx],
-                                              self.oracle)
-            loss, grad = self.estimator.value_and_grad(objective, self.model.program.theta)
-            self.optimizer.zero_grad(set_to_none=True)
-            if loss.requires_grad:
-                loss.backward()
-            self.model.program.theta.grad = grad
-            self.optimizer.step()
-            self.scheduler.step()
+            with self._phase("estimator"):
+                objective = self.model.objective(self.x_train[idx], self.y_train[idx],
+                                                  self.oracle)
+                loss, grad = self.estimator.value_and_grad(objective,
+                                                           self.model.program.theta)
+            with self._phase("optimizer"):
+                self.optimizer.zero_grad(set_to_none=True)
+                if loss.requires_grad:
+                    loss.backward()
+                self.model.program.theta.grad = grad
+                self.optimizer.step()
+                self.scheduler.step()
             s.step += 1
             s.batch_idx += 1
             row: dict[str, Any] = {"step": s.step, "loss": loss.item(),
@@ -302,8 +328,9 @@ def fit(
     budget, oracle.budget = oracle.budget, None  # the test split is counted apart
     max_requests, oracle.max_requests = oracle.max_requests, None
     try:
-        test_acc = model.accuracy(fitter.test.images, fitter.test.labels, oracle) if len(
-            fitter.test) else None
+        with fitter._phase("test"):
+            test_acc = model.accuracy(fitter.test.images, fitter.test.labels, oracle) if len(
+                fitter.test) else None
     finally:
         oracle.budget, oracle.max_requests = budget, max_requests
     queries = {"images": train_queries, "requests": oracle.requests_used,
@@ -325,4 +352,5 @@ def fit(
     )
     return FitResult(model=model, prompt=prompt, history=s.history, best_val_accuracy=s.best_val,
                      best_step=s.best_step, test_accuracy=test_acc, steps=s.step,
-                     queries=queries, stop_reason=reason, seconds=time.perf_counter() - t0)
+                     queries=queries, stop_reason=reason, seconds=time.perf_counter() - t0,
+                     timings=dict(fitter.timings))

@@ -109,6 +109,24 @@ class _Refused(OracleError):
 _V2_DATATYPE = {"uint8": "UINT8", "fp32": "FP32"}
 
 
+def server_timing(header: str) -> dict[str, float]:
+    """Seconds per metric of a W3C ``Server-Timing`` header (``name;dur=MS, ...``); metrics
+    without a valid duration are left out."""
+    result: dict[str, float] = {}
+    for metric in header.split(","):
+        name, *params = (part.strip() for part in metric.split(";"))
+        for param in params:
+            key, _, value = param.partition("=")
+            if key.strip().lower() == "dur" and name:
+                try:
+                    ms = float(value.strip().strip('"'))
+                except ValueError:
+                    continue
+                if math.isfinite(ms) and ms >= 0:
+                    result[name] = result.get(name, 0.0) + ms / 1e3
+    return result
+
+
 class HttpOracle(Oracle):
     """Scores from a V2 inference server; not differentiable (use a ZO estimator)."""
 
@@ -150,7 +168,10 @@ class HttpOracle(Oracle):
         self.retry = retry or RetryPolicy()
         self.retries = 0
         self._answered = False  # has the server ever answered? (see RetryPolicy)
-        self.timings = {"encode": 0.0, "http": 0.0, "decode": 0.0}
+        # client seconds per stage; server_* come from the W3C Server-Timing header where the
+        # server sends one (reprogram-server does; other V2 servers may not)
+        self.timings = {"encode": 0.0, "http": 0.0, "decode": 0.0, "server_decode": 0.0,
+                        "server_forward": 0.0, "server_encode": 0.0}
         self._rng = random.Random(seed)
         self._lock = threading.Lock()  # retries, jitter and timings are shared by the pool
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
@@ -316,10 +337,13 @@ class HttpOracle(Oracle):
             raise OracleError(f"expected output {self.output_name!r} in the response, got "
                               f"{sorted(arrays)}")
         out = arrays[self.output_name]
+        server = server_timing(response.headers.get("server-timing", ""))
         with self._lock:
             self.timings["encode"] += t1 - t0
             self.timings["http"] += t2 - t1
             self.timings["decode"] += time.perf_counter() - t2
+            for name in ("decode", "forward", "encode"):
+                self.timings[f"server_{name}"] += server.get(name, 0.0)
         return out
 
     # ---------------------------------------------------------------- Oracle hooks

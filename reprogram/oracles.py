@@ -9,6 +9,7 @@ real API (8-bit wire, top-k or label-only outputs); ``HttpOracle`` talks to a se
 from __future__ import annotations
 
 import logging
+import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Literal
@@ -102,6 +103,7 @@ class Oracle(ABC):
         self.max_requests = max_requests
         self.images_used = 0
         self.requests_used = 0
+        self.query_seconds = 0.0  # wall time spent in queries (not saved in checkpoints)
 
     @property
     @abstractmethod
@@ -143,7 +145,11 @@ class Oracle(ABC):
             raise BudgetExhausted(f"request cap {self.max_requests} reached")
         if n == 0:
             return x.new_zeros((0, self.info.num_classes))
-        scores, requests = self._query(x.clamp(0.0, 1.0))
+        t0 = time.perf_counter()
+        try:
+            scores, requests = self._query(x.clamp(0.0, 1.0))
+        finally:
+            self.query_seconds += time.perf_counter() - t0
         self.images_used += n
         self.requests_used += requests
         return scores

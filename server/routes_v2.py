@@ -12,6 +12,7 @@ bucket before reading the body, bounds JSON nesting and size before parsing
 
 from __future__ import annotations
 
+import time
 import zlib
 from typing import Any
 
@@ -186,6 +187,7 @@ def run_infer(servable: Servable, body: bytes, headers: dict[str, str],
     ``settings`` gives the JSON caps (defaults without); ``admission`` charges the images.
     """
     caps = settings or Settings()
+    t0 = time.perf_counter()
     head_length = protocol.parse_header_length(headers, len(body))
     check_json_structure(body if head_length is None else body[:head_length],
                          max_depth=caps.max_json_depth, max_elements=caps.max_json_elements)
@@ -194,18 +196,26 @@ def run_infer(servable: Servable, body: bytes, headers: dict[str, str],
         raise ProtocolError(f"expected one input named {INPUT_NAME!r}, got {list(tensors)}")
     requested = _requested_outputs(req, servable)
     images = tensors[INPUT_NAME]
+    t1 = time.perf_counter()
     if admission is None:
         scores = servable.infer(images)
     else:
         with admission.charge(int(images.shape[0]) if images.ndim else 1):
             scores = servable.infer(images)
+    t2 = time.perf_counter()
     outputs = [_output_tensor(servable, scores, name, binary, k) for name, binary, k in requested]
-    return protocol.encode_response(
+    content, out_headers = protocol.encode_response(
         model_name=servable.name,
         model_version=servable.version,
         request_id=req.id,
         outputs=outputs,
     )
+    # W3C Server-Timing (milliseconds): lets a client split a round trip into the server's
+    # decoding, model forward pass (including any wait for the model) and encoding
+    durations = {"decode": t1 - t0, "forward": t2 - t1, "encode": time.perf_counter() - t2}
+    out_headers["Server-Timing"] = ", ".join(f"{name};dur={sec * 1e3:.3f}"
+                                             for name, sec in durations.items())
+    return content, out_headers
 
 
 def _flag(params: dict[str, Any] | None, key: str, default: bool) -> bool:

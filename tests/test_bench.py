@@ -50,6 +50,30 @@ def test_accuracy_quick_prints_table_and_writes_json_and_png(tmp_path: Path) -> 
     with Image.open(out.with_suffix(".png")) as img:
         assert img.format == "PNG" and img.width > 100 and img.height > 100
 
+    # every finished fit is streamed to OUT.jsonl; --resume reuses it instead of refitting
+    streamed = [json.loads(line) for line in out.with_suffix(".jsonl").read_text().splitlines()]
+    assert sorted(r["method"] for r in streamed) == ["ours", "white-box"]
+    proc = subprocess.run([sys.executable, "-m", "bench.accuracy", "--quick", "--methods", "ours",
+                           "--resume", "--out", str(out)], capture_output=True, text=True,
+                          timeout=300, cwd=ROOT, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resuming: 1 fits" in proc.stderr and "0 to run" in proc.stderr
+    again = json.loads(out.with_suffix(".json").read_text())
+    ours = next(r for r in record["rows"] if r["method"] == "ours")
+    assert again["rows"] == [ours]
+    assert len(out.with_suffix(".jsonl").read_text().splitlines()) == 2  # nothing dropped
+
+
+def test_accuracy_refuses_white_box_over_an_endpoint(tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, "-m", "bench.accuracy", "--quick", "--endpoint",
+                           "http://127.0.0.1:9", "--methods", "white-box", "ours",
+                           "--out", str(tmp_path / "acc")], capture_output=True, text=True,
+                          timeout=120, cwd=ROOT, check=False)
+    assert proc.returncode != 0
+    assert "white-box needs exact gradients" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "acc.json").exists()
+
 
 @pytest.mark.slow
 def test_serve_quick_prints_a_throughput_ratio() -> None:

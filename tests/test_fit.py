@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import time
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ from reprogram.config import RECOMMENDED, FitConfig, recommended_config
 from reprogram.data import TargetDataset, load_digits
 from reprogram.errors import ConfigError, EstimatorError
 from reprogram.estimators import RGFEstimator, SPSAEstimator
-from reprogram.fit import FitResult, Fitter, fit, plan
+from reprogram.fit import PHASES, FitResult, Fitter, fit, plan
 from reprogram.oracles import LocalOracle, OracleWrapper
 from reprogram.zoo.registry import SourceModel
 
@@ -169,6 +170,34 @@ def test_fit_learns_and_reports(model: SourceModel, data: TargetDataset,
     rebuilt = load_prompt(path).build()
     assert torch.equal(rebuilt.predict_logits(data.images, oracle),
                        result.model.predict_logits(data.images, oracle))
+
+
+class _SlowOracle(OracleWrapper):
+    """Every query takes at least ``delay`` seconds longer (to see where the time is booked)."""
+
+    def __init__(self, inner: LocalOracle, delay: float) -> None:
+        super().__init__(inner)
+        self.delay = delay
+        self.calls = 0
+
+    def _query(self, x: torch.Tensor) -> tuple[torch.Tensor, int]:
+        self.calls += 1
+        time.sleep(self.delay)
+        return super()._query(x)
+
+
+def test_fit_books_its_time_per_phase_with_queries_apart(model: SourceModel,
+                                                         data: TargetDataset) -> None:
+    delay = 0.02
+    oracle = _SlowOracle(LocalOracle(model), delay)
+    result = fit(_cfg(estimator="rgf", epochs=2), oracle, data)
+    t = result.timings
+    assert set(t) == set(PHASES) and all(v >= 0 for v in t.values())
+    assert t["queries"] >= oracle.calls * delay  # every query's sleep is booked to queries
+    assert t["estimator"] < oracle.calls * delay / 2  # ... and none of it to the client maths
+    assert t["validation"] < t["queries"] and t["test"] < t["queries"]
+    assert t["optimizer"] > 0 and t["estimator"] > 0
+    assert sum(t.values()) <= result.seconds
 
 
 def test_autograd_refuses_a_non_differentiable_oracle(model: SourceModel,

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import httpx
 import numpy as np
 import pytest
 import torch
@@ -26,7 +27,7 @@ from fake_v2 import FakeV2, Reply, Seen, error, json_reply
 
 from reprogram import protocol
 from reprogram.errors import BudgetExhausted, ConfigError, OracleError
-from reprogram.http_oracle import HttpOracle, RetryPolicy
+from reprogram.http_oracle import HttpOracle, RetryPolicy, server_timing
 from reprogram.oracles import LocalOracle, WireDtype
 from reprogram.zoo.registry import SourceModel
 
@@ -82,6 +83,36 @@ def test_chunks_by_server_cap_and_matches_local(base_url: str, model: SourceMode
     with HttpOracle(base_url, max_batch=4, max_in_flight=1) as oracle:
         oracle.query(x[:9])
         assert oracle.requests_used == 3
+
+
+def test_server_timing_splits_the_round_trip(base_url: str) -> None:
+    x = _images(20)
+    with HttpOracle(base_url) as oracle:
+        oracle.query(x)
+        t = oracle.timings
+    # the server's own decode / forward / encode, from its Server-Timing header
+    assert t["server_forward"] > 0 and t["server_decode"] > 0 and t["server_encode"] >= 0
+    assert t["server_decode"] + t["server_forward"] + t["server_encode"] <= t["http"]
+    body, headers = protocol.encode_request(
+        {"image": (x[:2].numpy() * 255).round().astype(np.uint8)}, [], binary=True)
+    r = httpx.post(f"{base_url}/v2/models/shapes/infer", content=body, headers=headers)
+    assert r.status_code == 200
+    names = [m.split(";")[0].strip() for m in r.headers["server-timing"].split(",")]
+    assert names == ["decode", "forward", "encode"]
+
+
+@pytest.mark.parametrize(("header", "expected"), [
+    ("decode;dur=1.5, forward;dur=20, encode;dur=0.25",
+     {"decode": 0.0015, "forward": 0.02, "encode": 0.00025}),
+    ('db;desc="x";dur="3"', {"db": 0.003}),
+    ("cache;desc=hit, forward;dur=abc, total;dur=-1, x;dur=inf", {}),
+    ("", {}),
+])
+def test_server_timing_header_parser(header: str, expected: dict[str, float]) -> None:
+    got = server_timing(header)
+    assert got.keys() == expected.keys()
+    for k, v in expected.items():
+        assert got[k] == pytest.approx(v)
 
 
 @pytest.mark.parametrize("binary", [True, False], ids=["binary", "json"])
