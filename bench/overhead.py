@@ -56,7 +56,7 @@ def one_fit(oracle: Oracle, budget: int, seed: int) -> Run:
 def forward_seconds_per_image(run: Run, batch: int = 256, repeats: int = 20) -> float:
     """One forward pass of the default model per image at ``batch``, on the images a fit sends:
     digits under the fit's learned program, rounded to 8 bits as served. (The forward pass is
-    data-dependent on a CPU: these frames cost about twice the default model's own shapes.)"""
+    data-dependent on a CPU: these frames cost about 1.5x the default model's own shapes.)"""
     model = run.model
     digits = load_dataset("digits").images[:batch]
     theta = model.program.theta.detach()[None]
