@@ -24,6 +24,7 @@ import torch
 
 from bench.common import server_process
 from reprogram import protocol
+from reprogram.http_oracle import server_timing
 from reprogram.zoo.registry import load_model
 from reprogram.zoo.shapes import generate_shapes
 from server.inference import ModelRunner
@@ -41,6 +42,7 @@ class Row:
     local_ips: float
     http_ips: float
     http_ms: float
+    server_ms: float  # the server's own decode + forward + encode (its Server-Timing header)
     max_diff: float
 
 
@@ -62,12 +64,14 @@ def _interleaved(
     return [t / n for t in totals]
 
 
-def _http_call(client: httpx.Client, x: np.ndarray) -> Callable[[], np.ndarray]:
+def _http_call(client: httpx.Client, x: np.ndarray,
+               server_seconds: list[float]) -> Callable[[], np.ndarray]:
     def call() -> np.ndarray:
         body, headers = protocol.encode_request({"image": x}, binary=True, binary_output=True)
         r = client.post("/v2/models/default/infer", content=body, headers=headers)
         if r.status_code != 200:
             raise RuntimeError(f"server answered {r.status_code}: {r.text[:200]}")
+        server_seconds.append(sum(server_timing(r.headers.get("server-timing", "")).values()))
         out, _ = protocol.decode_response(r.content, r.headers)
         return out["probs"]
 
@@ -89,27 +93,32 @@ def run(
             httpx.Client(base_url=base, timeout=60.0) as client:
         for b in batches:
             x = images[:b]
-            call = _http_call(client, x)
+            server_s: list[float] = []
+            call = _http_call(client, x, server_s)
             diff = float(np.abs(call() - runner.infer(x)).max())
 
             def local_call(x: np.ndarray = x) -> np.ndarray:
                 return runner.infer(x)
 
             local, remote = _interleaved([local_call, call], requests, warmup, rounds=5)
+            timed = server_s[-requests:]  # the timed calls, not the warm-up
             rows.append(Row(batch=b, requests=requests, local_ips=b / local,
-                            http_ips=b / remote, http_ms=1000 * remote, max_diff=diff))
+                            http_ips=b / remote, http_ms=1000 * remote,
+                            server_ms=1000 * sum(timed) / len(timed), max_diff=diff))
     return rows
 
 
 def format_table(rows: Sequence[Row]) -> str:
     """The printed table."""
     head = (f"{'batch':>5}  {'requests':>8}  {'in-process img/s':>16}  {'HTTP V2 binary img/s':>20}"
-            f"  {'HTTP/in-process':>15}  {'ms/request':>10}  {'max |diff|':>10}")
+            f"  {'HTTP/in-process':>15}  {'ms/request':>10}  {'in-process ms':>13}"
+            f"  {'server ms':>9}  {'max |diff|':>10}")
     lines = [head, "-" * len(head)]
     for r in rows:
         lines.append(
             f"{r.batch:>5}  {r.requests:>8}  {r.local_ips:>16.0f}  {r.http_ips:>20.0f}"
-            f"  {r.http_ips / r.local_ips:>15.2f}  {r.http_ms:>10.1f}  {r.max_diff:>10.1e}"
+            f"  {r.http_ips / r.local_ips:>15.2f}  {r.http_ms:>10.1f}"
+            f"  {1000 * r.batch / r.local_ips:>13.1f}  {r.server_ms:>9.1f}  {r.max_diff:>10.1e}"
         )
     return "\n".join(lines)
 
