@@ -26,6 +26,7 @@ import torch
 
 from reprogram.config import RECOMMENDED, FitConfig
 from reprogram.data import load_dataset
+from reprogram.errors import ConfigError
 from reprogram.fit import fit
 from reprogram.oracles import LocalOracle, Oracle
 from reprogram.zoo.registry import load_model
@@ -241,15 +242,26 @@ def main(argv: Sequence[str] | None = None) -> int:
              "output": args.output, "endpoint": args.endpoint, "device": args.device,
              "threads": threads}
             for name, fields in methods for b in budgets for s in seeds]
+    for name, fields in methods:  # every configuration is checked before any fit runs
+        try:
+            FitConfig(**fields, budget=budgets[0], seed=seeds[0])
+        except (ConfigError, TypeError) as exc:
+            raise SystemExit(f"method {name!r}: {exc}") from None
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     stream = out.with_suffix(".jsonl")  # one line per finished fit, written as it finishes
     earlier: dict[str, dict[str, Any]] = {}
     if args.resume and stream.exists():
-        for line in stream.read_text().splitlines():
-            if line.strip():
+        for number, line in enumerate(stream.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
                 row = json.loads(line)
                 earlier[row_key(row)] = row
+            except (ValueError, KeyError, TypeError) as exc:
+                raise SystemExit(f"{stream}:{number} is not a result row of this benchmark "
+                                 f"({type(exc).__name__}: {exc}); fix or delete that line, or "
+                                 "run without --resume to start afresh") from None
     rows: list[dict[str, Any]] = []
     todo = []
     for job in jobs:

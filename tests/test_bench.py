@@ -64,6 +64,33 @@ def test_accuracy_quick_prints_table_and_writes_json_and_png(tmp_path: Path) -> 
     assert len(out.with_suffix(".jsonl").read_text().splitlines()) == 2  # nothing dropped
 
 
+def test_accuracy_resume_from_a_damaged_stream_is_a_clear_error(tmp_path: Path) -> None:
+    out = tmp_path / "acc"
+    good = json.dumps({"method": "ours"})  # a JSON line without the fields of a result row
+    out.with_suffix(".jsonl").write_text(good + "\n{truncated\n")
+    proc = subprocess.run([sys.executable, "-m", "bench.accuracy", "--quick", "--methods", "ours",
+                           "--resume", "--out", str(out)], capture_output=True, text=True,
+                          timeout=120, cwd=ROOT, check=False)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert "acc.jsonl:1 is not a result row" in proc.stderr
+    assert out.with_suffix(".jsonl").read_text() == good + "\n{truncated\n"  # left as it was
+
+
+@pytest.mark.parametrize(("spec", "message"), [
+    ("bad=estimator:rgf,q:0", "method 'bad': expected q >= 1, got 0"),
+    ("bad=estimator:rgf,bogus:1", "method 'bad': "),
+    ("nope", "unknown method 'nope'"),
+])
+def test_accuracy_bad_method_is_a_one_line_error(tmp_path: Path, spec: str,
+                                                 message: str) -> None:
+    proc = subprocess.run([sys.executable, "-m", "bench.accuracy", "--quick", "--methods", spec,
+                           "--out", str(tmp_path / "acc")], capture_output=True, text=True,
+                          timeout=120, cwd=ROOT, check=False)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "acc.jsonl").exists()
+
+
 def test_accuracy_refuses_white_box_over_an_endpoint(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, "-m", "bench.accuracy", "--quick", "--endpoint",
                            "http://127.0.0.1:9", "--methods", "white-box", "ours",
