@@ -26,8 +26,8 @@ import torch
 
 from reprogram.config import RECOMMENDED, FitConfig
 from reprogram.data import load_dataset
-from reprogram.errors import ConfigError
-from reprogram.fit import fit
+from reprogram.errors import ConfigError, EstimatorError
+from reprogram.fit import Fitter, fit
 from reprogram.oracles import LocalOracle, Oracle
 from reprogram.zoo.registry import load_model
 
@@ -88,15 +88,39 @@ def job_config(job: dict[str, Any]) -> FitConfig:
     return FitConfig(**job["fields"], budget=job["budget"], seed=job["seed"])
 
 
-def job_key(method: str, budget: int, seed: int, data: str, output: str,
+def job_oracle(job: dict[str, Any]) -> str:
+    return f"HTTP {job['endpoint']}" if job["endpoint"] else str(job["device"])
+
+
+def job_key(method: str, budget: int, seed: int, data: str, output: str, oracle: str,
             config: dict[str, Any]) -> str:
-    """What identifies one fit's result: a resumed run reuses a row only if all of it matches."""
-    return json.dumps([method, budget, seed, data, output, config], sort_keys=True)
+    """What identifies one fit's result: a resumed run reuses a row only if all of it matches
+    (the code version is not part of it: start afresh after changing the code)."""
+    return json.dumps([method, budget, seed, data, output, oracle, config], sort_keys=True)
 
 
 def row_key(row: dict[str, Any]) -> str:
     return job_key(row["method"], row["budget"], row["seed"], row["data"], row["output"],
-                   row["config"])
+                   row["oracle"], row["config"])
+
+
+def key_of(job: dict[str, Any]) -> str:
+    return job_key(job["method"], job["budget"], job["seed"], job["data"], job["output"],
+                   job_oracle(job), job_config(job).to_dict())
+
+
+def precheck(methods: Sequence[tuple[str, dict[str, Any]]], budget: int, seed: int,
+             data_spec: str, output: str) -> None:
+    """Set up (without running) one fit per method at the smallest budget on the local model,
+    so a bad configuration or a budget too small is a one-line error before any fit runs."""
+    model = load_model()
+    data = load_dataset(data_spec, seed=0)
+    for name, fields in methods:
+        try:
+            cfg = FitConfig(**fields, budget=budget, seed=seed)
+            Fitter(cfg, LocalOracle(model, quantize=True, output=output), data)
+        except (ConfigError, EstimatorError, TypeError) as exc:
+            raise SystemExit(f"method {name!r}: {exc}") from None
 
 
 def run_one(job: dict[str, Any]) -> dict[str, Any]:
@@ -116,7 +140,7 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
     result = fit(cfg, oracle, data)
     return {"method": job["method"], "seed": job["seed"], "budget": job["budget"],
             "data": job["data"], "output": job["output"],
-            "oracle": f"HTTP {job['endpoint']}" if job["endpoint"] else job["device"],
+            "oracle": job_oracle(job),
             "test_accuracy": result.test_accuracy,
             "val_accuracy": result.best_val_accuracy, "queries": result.queries["images"],
             "steps": result.steps, "seconds": round(time.perf_counter() - t0, 2),
@@ -130,18 +154,30 @@ def _cost(job: dict[str, Any]) -> float:
 
 
 def run_jobs(jobs: Sequence[dict[str, Any]], workers: int,
-             done: Callable[[dict[str, Any]], None]) -> None:
-    """Run every job (largest first), calling ``done(row)`` as each finishes."""
+             done: Callable[[dict[str, Any]], None],
+             failed: Callable[[dict[str, Any], BaseException], None]) -> None:
+    """Run every job (largest first), calling ``done(row)`` as each finishes and
+    ``failed(job, error)`` for one that raises; the others go on."""
     ordered = sorted(jobs, key=_cost, reverse=True)
     if workers <= 1:
         for job in ordered:
-            done(run_one(job))
+            try:
+                row = run_one(job)
+            except Exception as exc:  # reported with the job; the grid goes on
+                failed(job, exc)
+            else:
+                done(row)
         return
     spawn = multiprocessing.get_context("spawn")  # CUDA-safe workers
     with ProcessPoolExecutor(workers, mp_context=spawn) as pool:
-        futures = [pool.submit(run_one, job) for job in ordered]
+        futures = {pool.submit(run_one, job): job for job in ordered}
         for future in as_completed(futures):
-            done(future.result())
+            try:
+                row = future.result()
+            except Exception as exc:
+                failed(futures[future], exc)
+            else:
+                done(row)
 
 
 def summarize(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -242,11 +278,8 @@ def main(argv: Sequence[str] | None = None) -> int:
              "output": args.output, "endpoint": args.endpoint, "device": args.device,
              "threads": threads}
             for name, fields in methods for b in budgets for s in seeds]
-    for name, fields in methods:  # every configuration is checked before any fit runs
-        try:
-            FitConfig(**fields, budget=budgets[0], seed=seeds[0])
-        except (ConfigError, TypeError) as exc:
-            raise SystemExit(f"method {name!r}: {exc}") from None
+    if not args.endpoint:  # every configuration is checked before any fit runs
+        precheck(methods, min(budgets), seeds[0], args.data, args.output)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     stream = out.with_suffix(".jsonl")  # one line per finished fit, written as it finishes
@@ -265,8 +298,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows: list[dict[str, Any]] = []
     todo = []
     for job in jobs:
-        key = job_key(job["method"], job["budget"], job["seed"], job["data"], job["output"],
-                      job_config(job).to_dict())
+        key = key_of(job)
         if key in earlier:
             rows.append(earlier[key])
         else:
@@ -285,24 +317,39 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"test {row['test_accuracy']:.3f} ({row['seconds']}s) "
               f"[{len(rows)}/{len(jobs)}]", file=sys.stderr, flush=True)
 
+    failures: list[str] = []
+
+    def failed(job: dict[str, Any], exc: BaseException) -> None:
+        failures.append(f"{job['method']} seed {job['seed']} budget {job['budget']:,}: "
+                        f"{type(exc).__name__}: {exc}")
+        print(f"  FAILED {failures[-1]}", file=sys.stderr, flush=True)
+
+    resumed = len(rows)
     t0 = time.perf_counter()
-    run_jobs(todo, args.jobs, done)
-    order = {job_key(j["method"], j["budget"], j["seed"], j["data"], j["output"],
-                     job_config(j).to_dict()): i for i, j in enumerate(jobs)}
+    run_jobs(todo, args.jobs, done, failed)
+    order = {key_of(j): i for i, j in enumerate(jobs)}
     rows.sort(key=lambda r: order[row_key(r)])
+    if not rows:
+        raise SystemExit(f"every fit failed; first: {failures[0]}")
     summary = summarize(rows)
     # resumed rows may come from another machine: name every oracle that made the table
     where = ", ".join(sorted({f"HTTP {r['oracle'][5:]}" if r["oracle"].startswith("HTTP")
                               else f"local uint8 oracle ({r['oracle']})" for r in rows}))
     record = {"data": args.data, "output": args.output, "oracle": where, "seeds": seeds,
               "budgets": list(budgets), "rows": rows, "summary": summary,
-              "seconds": round(time.perf_counter() - t0, 1)}
+              "seconds": round(time.perf_counter() - t0, 1),  # this run's wall time
+              "fit_seconds": round(sum(r["seconds"] for r in rows), 1),  # resumed ones too
+              "resumed": resumed, "failed": failures}
     out.with_suffix(".json").write_text(json.dumps(record, indent=1))
     plot(summary, out.with_suffix(".png"), f"{args.data}: test accuracy vs queries ({where})")
     print(f"test accuracy on {args.data} ({where}), mean ± std over seeds {seeds}:")
     print(table(summary))
     print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.png')} "
           f"in {record['seconds']}s")
+    if failures:
+        print(f"{len(failures)} of {len(jobs)} fits failed (not in the table): "
+              + "; ".join(failures), file=sys.stderr)
+        return 1
     return 0
 
 

@@ -37,7 +37,8 @@ log = logging.getLogger(__name__)
 Callback = Callable[[dict[str, Any]], None]
 
 # where a fit's wall time goes: model queries (all of them), then the client's work in each
-# phase without its queries (estimator: candidates, program rendering, label map and loss)
+# phase without its queries (estimator: candidates, program rendering, label map and loss).
+# On a GPU, kernels run asynchronously: their time lands in whichever phase waits for them.
 PHASES = ("queries", "estimator", "optimizer", "validation", "labelmap_fit", "test")
 
 

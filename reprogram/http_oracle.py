@@ -109,21 +109,44 @@ class _Refused(OracleError):
 _V2_DATATYPE = {"uint8": "UINT8", "fp32": "FP32"}
 
 
+def _split_unquoted(text: str, sep: str) -> list[str]:
+    """``text`` split at ``sep`` outside double-quoted strings (backslash escapes honoured)."""
+    parts, current, quoted, escaped = [], [], False, False
+    for ch in text:
+        if escaped:
+            escaped = False
+        elif ch == "\\" and quoted:
+            escaped = True
+        elif ch == '"':
+            quoted = not quoted
+        elif ch == sep and not quoted:
+            parts.append("".join(current))
+            current = []
+            continue
+        current.append(ch)
+    parts.append("".join(current))
+    return parts
+
+
 def server_timing(header: str) -> dict[str, float]:
-    """Seconds per metric of a W3C ``Server-Timing`` header (``name;dur=MS, ...``); metrics
-    without a valid duration are left out."""
+    """Seconds per metric of a W3C ``Server-Timing`` header (``name;dur=MS;desc="...", ...``).
+
+    The first ``dur`` of a metric counts; metrics without a valid one are left out, and a
+    metric named twice adds up."""
     result: dict[str, float] = {}
-    for metric in header.split(","):
-        name, *params = (part.strip() for part in metric.split(";"))
+    for metric in _split_unquoted(header, ","):
+        name, *params = (part.strip() for part in _split_unquoted(metric, ";"))
         for param in params:
             key, _, value = param.partition("=")
-            if key.strip().lower() == "dur" and name:
-                try:
-                    ms = float(value.strip().strip('"'))
-                except ValueError:
-                    continue
-                if math.isfinite(ms) and ms >= 0:
-                    result[name] = result.get(name, 0.0) + ms / 1e3
+            if key.strip().lower() != "dur":
+                continue
+            try:
+                ms = float(value.strip().strip('"'))
+            except ValueError:
+                ms = math.nan
+            if name and math.isfinite(ms) and ms >= 0:
+                result[name] = result.get(name, 0.0) + ms / 1e3
+            break  # the first dur only
     return result
 
 

@@ -79,6 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="after SIGTERM: seconds that requests in flight may take to finish")
     g.add_argument("--no-access-log", dest="access_log", action="store_false",
                    help="do not write one JSON line per request to stderr")
+    g.add_argument("--no-server-timing", dest="server_timing", action="store_false",
+                   help="do not send the Server-Timing header (decode/forward/encode ms) on V2"
+                        " inference answers; it shows callers how busy the server is")
     return p
 
 
@@ -108,6 +111,7 @@ def parse_settings(argv: Sequence[str] | None = None) -> Settings:
         drain_seconds=args.drain_seconds,
         shutdown_timeout=args.shutdown_timeout,
         access_log=args.access_log,
+        server_timing=args.server_timing,
     )
 
 

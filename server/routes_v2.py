@@ -212,9 +212,11 @@ def run_infer(servable: Servable, body: bytes, headers: dict[str, str],
     )
     # W3C Server-Timing (milliseconds): lets a client split a round trip into the server's
     # decoding, model forward pass (including any wait for the model) and encoding
-    durations = {"decode": t1 - t0, "forward": t2 - t1, "encode": time.perf_counter() - t2}
-    out_headers["Server-Timing"] = ", ".join(f"{name};dur={sec * 1e3:.3f}"
-                                             for name, sec in durations.items())
+    if caps.server_timing:
+        durations = {"decode": t1 - t0, "forward": t2 - t1,
+                     "encode": time.perf_counter() - t2}
+        out_headers["Server-Timing"] = ", ".join(f"{name};dur={sec * 1e3:.3f}"
+                                                 for name, sec in durations.items())
     return content, out_headers
 
 

@@ -111,7 +111,9 @@ class Settings:
     (per client address without keys; ``None``: unlimited), ``max_json_depth`` and
     ``max_json_elements`` for V2 JSON bodies, ``drain_seconds`` (readiness is false this long
     after SIGTERM before the listener closes), ``shutdown_timeout`` (how long in-flight requests
-    may take to finish), ``access_log`` (one JSON line per request on ``server.access``).
+    may take to finish), ``access_log`` (one JSON line per request on ``server.access``),
+    ``server_timing`` (a W3C ``Server-Timing`` header on V2 inference answers; its ``forward``
+    includes any wait for the model, so it tells callers how busy the server is).
     """
 
     model: str = "default"
@@ -136,6 +138,7 @@ class Settings:
     drain_seconds: float = 0.0
     shutdown_timeout: float = 30.0
     access_log: bool = True
+    server_timing: bool = True
 
     def __post_init__(self) -> None:
         if isinstance(self.output, str):  # accept "topk:3" for convenience

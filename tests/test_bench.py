@@ -79,16 +79,31 @@ def test_accuracy_resume_from_a_damaged_stream_is_a_clear_error(tmp_path: Path) 
 @pytest.mark.parametrize(("spec", "message"), [
     ("bad=estimator:rgf,q:0", "method 'bad': expected q >= 1, got 0"),
     ("bad=estimator:rgf,bogus:1", "method 'bad': "),
+    ("ours", "method 'ours': expected a budget of at least"),
     ("nope", "unknown method 'nope'"),
 ])
 def test_accuracy_bad_method_is_a_one_line_error(tmp_path: Path, spec: str,
                                                  message: str) -> None:
     proc = subprocess.run([sys.executable, "-m", "bench.accuracy", "--quick", "--methods", spec,
+                           "--budgets", "100" if spec == "ours" else "4000",
                            "--out", str(tmp_path / "acc")], capture_output=True, text=True,
                           timeout=120, cwd=ROOT, check=False)
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "acc.jsonl").exists()
+
+
+def test_accuracy_failed_fits_are_reported_and_the_grid_goes_on(tmp_path: Path) -> None:
+    # nothing listens on port 9: every fit over this endpoint fails, in two worker processes
+    out = tmp_path / "acc"
+    proc = subprocess.run([sys.executable, "-m", "bench.accuracy", "--quick", "--endpoint",
+                           "http://127.0.0.1:9", "--methods", "ours", "--budgets", "4000", "5000",
+                           "--jobs", "2", "--out", str(out)], capture_output=True, text=True,
+                          timeout=300, cwd=ROOT, check=False)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert proc.stderr.count("FAILED ours seed 0 budget") == 2
+    assert "every fit failed" in proc.stderr and "OracleError" in proc.stderr
+    assert out.with_suffix(".jsonl").read_text() == ""
 
 
 def test_accuracy_refuses_white_box_over_an_endpoint(tmp_path: Path) -> None:

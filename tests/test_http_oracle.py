@@ -105,6 +105,8 @@ def test_server_timing_splits_the_round_trip(base_url: str) -> None:
     ("decode;dur=1.5, forward;dur=20, encode;dur=0.25",
      {"decode": 0.0015, "forward": 0.02, "encode": 0.00025}),
     ('db;desc="x";dur="3"', {"db": 0.003}),
+    ('db;desc="a, b; c";dur=2, app;dur=1', {"db": 0.002, "app": 0.001}),
+    ("a;dur=1;dur=5, a;dur=2", {"a": 0.003}),  # first dur per metric; repeated names add
     ("cache;desc=hit, forward;dur=abc, total;dur=-1, x;dur=inf", {}),
     ("", {}),
 ])

@@ -27,7 +27,7 @@ from reprogram.zoo.registry import SourceModel
 from reprogram.zoo.shapes import generate_shapes
 from server import Settings, create_app
 from server import app as app_module
-from server.main import main
+from server.main import main, parse_settings
 
 H = W = 32
 
@@ -531,3 +531,30 @@ def test_cli_argparse_errors(capsys: pytest.CaptureFixture[str]) -> None:
     assert info.value.code == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "invalid int value" in err
+
+
+# ------------------------------------------------------------------------------------------
+# Server-Timing
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_server_timing_header_can_be_turned_off(model: SourceModel, images: np.ndarray,
+                                                enabled: bool) -> None:
+    c = make_client(model, server_timing=enabled)
+    body, headers = protocol.encode_request({"image": images[:3]}, binary=True)
+    r = c.post("/v2/models/default/infer", content=body, headers=headers)
+    assert r.status_code == 200
+    if enabled:
+        metrics = [m.strip().split(";") for m in r.headers["server-timing"].split(",")]
+        assert [m[0] for m in metrics] == ["decode", "forward", "encode"]
+        assert all(m[1].startswith("dur=") and float(m[1][4:]) >= 0 for m in metrics)
+    else:
+        assert "server-timing" not in r.headers
+    bad = c.post("/v2/models/default/infer", content=b"{",
+                 headers={"content-type": "application/json"})
+    assert bad.status_code == 400 and "server-timing" not in bad.headers
+
+
+def test_no_server_timing_flag() -> None:
+    assert parse_settings([]).server_timing is True
+    assert parse_settings(["--no-server-timing"]).server_timing is False
