@@ -111,7 +111,9 @@ _V2_DATATYPE = {"uint8": "UINT8", "fp32": "FP32"}
 
 def _split_unquoted(text: str, sep: str) -> list[str]:
     """``text`` split at ``sep`` outside double-quoted strings (backslash escapes honoured)."""
-    parts, current, quoted, escaped = [], [], False, False
+    parts: list[str] = []
+    current: list[str] = []
+    quoted = escaped = False
     for ch in text:
         if escaped:
             escaped = False
