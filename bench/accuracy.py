@@ -260,8 +260,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="smoke run: tiny budget, one seed")
     p.add_argument("--resume", action="store_true",
                    help="reuse the finished fits recorded in OUT.jsonl (same method, config, "
-                        "budget, seed, data and output) and run only the rest; without it "
-                        "OUT.jsonl starts empty")
+                        "budget, seed, data, output and oracle; the code version is not "
+                        "checked: start afresh after changing the code) and run only the rest; "
+                        "without it OUT.jsonl starts empty")
     args = p.parse_args(argv)
     budgets = tuple(args.budgets or (QUICK_BUDGETS if args.quick else DEFAULT_BUDGETS))
     seeds = args.seeds[:1] if args.quick else args.seeds
