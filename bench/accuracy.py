@@ -1,4 +1,4 @@
-"""Accuracy per image query: our methods side by side with the papers' (issue "Benchmarks").
+"""Accuracy per image query: our methods side by side with the papers'.
 
 ``python -m bench.accuracy`` fits a prompt on the default model and digits for every method,
 image-query budget and seed, and reports validation-selected test accuracy (mean and spread)
