@@ -9,6 +9,7 @@ import tempfile
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from typing import IO
 
 import httpx
 
@@ -23,20 +24,41 @@ def free_port() -> int:
         return port
 
 
-def wait_ready(base: str, proc: subprocess.Popen[bytes],
+def _tail(log: IO[bytes], limit: int = 4000) -> str:
+    log.flush()
+    log.seek(0)
+    return log.read().decode("utf-8", "replace")[-limit:]
+
+
+def wait_ready(base: str, proc: subprocess.Popen[bytes], log: IO[bytes] | None = None,
                timeout: float = READY_TIMEOUT_S) -> None:
-    """Poll ``/v2/health/ready`` until 200; raise if the process dies or it takes too long."""
+    """Poll ``/v2/health/ready`` until 200; raise if the process dies or it takes too long,
+    with the end of the server's ``log`` when given."""
+    def failure(what: str) -> RuntimeError:
+        return RuntimeError(what + (f":\n{_tail(log)}" if log is not None else ""))
+
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"server exited with status {proc.returncode}")
+            raise failure(f"server exited with status {proc.returncode} before ready")
         try:
             if httpx.get(f"{base}/v2/health/ready", timeout=2.0).status_code == 200:
                 return
         except httpx.TransportError:
             pass
         time.sleep(0.1)
-    raise RuntimeError(f"server not ready after {timeout:.0f} s")
+    raise failure(f"server not ready after {timeout:.0f} s")
+
+
+def stop_process(proc: subprocess.Popen[bytes]) -> None:
+    """Terminate ``proc`` (then kill it if it lingers past 10 s)."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
 
 
 @contextmanager
@@ -52,12 +74,7 @@ def server_process(args: Sequence[str] = (),
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
                                 env=dict(env) if env is not None else None)
         try:
-            wait_ready(base, proc)
+            wait_ready(base, proc, log)
             yield base
         finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            stop_process(proc)
