@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 from fastapi import FastAPI
+from ops_support import AsgiClient
 from PIL import Image
 
 from reprogram import protocol
@@ -32,25 +33,12 @@ from server.main import main, parse_settings
 H = W = 32
 
 
-class Client:
-    """A synchronous facade over ``httpx.AsyncClient`` + ``ASGITransport`` (no network)."""
+class Client(AsgiClient):
+    """:class:`AsgiClient` (no network) with a V2 ``infer`` helper; the peer address is
+    ``ASGITransport``'s own default."""
 
     def __init__(self, app: FastAPI) -> None:
-        self.app = app
-
-    def request(self, method: str, url: str, **kwargs: Any) -> httpx.Response:
-        async def go() -> httpx.Response:
-            transport = httpx.ASGITransport(app=self.app)
-            async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
-                return await c.request(method, url, **kwargs)
-
-        return asyncio.run(go())
-
-    def get(self, url: str, **kwargs: Any) -> httpx.Response:
-        return self.request("GET", url, **kwargs)
-
-    def post(self, url: str, **kwargs: Any) -> httpx.Response:
-        return self.request("POST", url, **kwargs)
+        super().__init__(app, client=("127.0.0.1", 123))
 
     def infer(
         self,
