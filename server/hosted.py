@@ -28,14 +28,15 @@ import torch
 from reprogram.artifact import Prompt
 from reprogram.errors import ProtocolError
 from reprogram.oracles import Oracle
-from reprogram.protocol import MetadataTensor, ModelMetadata
+from reprogram.protocol import ModelMetadata
 from server.inference import (
-    INPUT_DATATYPES,
     INPUT_NAME,
     MODEL_VERSION,
     TooLarge,
     check_images,
+    pixel_params,
     to_float,
+    v2_metadata,
 )
 from server.settings import OutputKind
 
@@ -54,11 +55,6 @@ class SharedOracle:
         """Call ``fn(oracle)`` while holding the lock (inference mode, no autograd)."""
         with self._lock, torch.no_grad():
             return fn(self.oracle)
-
-
-def _pixel_params() -> dict[str, Any]:
-    return {"input_datatypes": list(INPUT_DATATYPES),
-            "pixel_range": {"UINT8": [0, 255], "FP32": [0.0, 1.0]}}
 
 
 class OracleServable:
@@ -107,22 +103,15 @@ class OracleServable:
     def _parameters(self) -> dict[str, Any]:
         info = self._shared.oracle.info
         return {"output_kind": str(self._output), "class_names": list(info.class_names),
-                "input_size": list(info.input_size), **_pixel_params(),
+                "input_size": list(info.input_size), **pixel_params(),
                 "weights_sha256": info.fingerprint.get("weights_sha256"),
                 "source": dict(info.fingerprint), "max_batch_size": self._max_images}
 
     def metadata(self) -> ModelMetadata:
         """V2 model metadata of the proxied model."""
-        h, w = self.input_size
-        out_shape = [-1] if self._output.kind == "label" else [-1, len(self.class_names)]
-        return ModelMetadata(
-            name=self._name, versions=[MODEL_VERSION], platform="reprogram-oracle",
-            inputs=[MetadataTensor(name=INPUT_NAME, datatype="UINT8", shape=[-1, 3, h, w],
-                                   parameters={"also_accepts": ["FP32"]})],
-            outputs=[MetadataTensor(name=self._output.output_name,
-                                    datatype=self._output.datatype, shape=out_shape)],
-            parameters=self._parameters(),
-        )
+        return v2_metadata(name=self._name, platform="reprogram-oracle",
+                           input_hw=self.input_size, output=self._output,
+                           num_classes=len(self.class_names), parameters=self._parameters())
 
     def info(self) -> dict[str, Any]:
         """The native ``/v1`` model description."""
@@ -232,16 +221,12 @@ class PromptServable:
 
     def metadata(self) -> ModelMetadata:
         """V2 metadata: any-size target images in, ``probs`` over the target classes out."""
-        return ModelMetadata(
-            name=self.prompt_id, versions=[MODEL_VERSION], platform="reprogram-prompt",
-            inputs=[MetadataTensor(name=INPUT_NAME, datatype="UINT8", shape=[-1, 3, -1, -1],
-                                   parameters={"also_accepts": ["FP32"]})],
-            outputs=[MetadataTensor(name=PROBS.output_name, datatype=PROBS.datatype,
-                                    shape=[-1, len(self.class_names)])],
+        return v2_metadata(
+            name=self.prompt_id, platform="reprogram-prompt", input_hw=(-1, -1), output=PROBS,
+            num_classes=len(self.class_names),
             parameters={"output_kind": str(PROBS), "class_names": list(self.class_names),
-                        "inner_size": self.prompt.program.inner_size, **_pixel_params(),
-                        "max_batch_size": self._max_images, "prompt": self.summary()},
-        )
+                        "inner_size": self.prompt.program.inner_size, **pixel_params(),
+                        "max_batch_size": self._max_images, "prompt": self.summary()})
 
     def summary(self) -> dict[str, Any]:
         """What ``GET /v1/prompts/{id}`` returns: classes, program, label map, metrics."""

@@ -147,6 +147,37 @@ def reveal(logits: torch.Tensor, output: OutputKind) -> torch.Tensor:
     return probs
 
 
+def pixel_params() -> dict[str, Any]:
+    """The input datatypes and pixel ranges every servable accepts (metadata parameters)."""
+    return {"input_datatypes": list(INPUT_DATATYPES),
+            "pixel_range": {"UINT8": [0, 255], "FP32": [0.0, 1.0]}}
+
+
+def v2_metadata(*, name: str, platform: str, input_hw: tuple[int, int], output: OutputKind,
+                num_classes: int, parameters: dict[str, Any]) -> ModelMetadata:
+    """V2 model metadata of a servable: input ``image`` UINT8 ``[-1, 3, H, W]`` (also FP32;
+    ``-1`` for any size) and one output, ``[-1]`` labels or ``[-1, K]`` scores."""
+    h, w = input_hw
+    out_shape = [-1] if output.kind == "label" else [-1, num_classes]
+    return ModelMetadata(
+        name=name,
+        versions=[MODEL_VERSION],
+        platform=platform,
+        inputs=[
+            MetadataTensor(
+                name=INPUT_NAME,
+                datatype="UINT8",
+                shape=[-1, 3, h, w],
+                parameters={"also_accepts": ["FP32"]},
+            )
+        ],
+        outputs=[
+            MetadataTensor(name=output.output_name, datatype=output.datatype, shape=out_shape)
+        ],
+        parameters=parameters,
+    )
+
+
 class ModelRunner:
     """A frozen :class:`SourceModel` served under a name, revealing ``output``."""
 
@@ -209,8 +240,7 @@ class ModelRunner:
             "output_kind": str(self._output),
             "class_names": list(meta.class_names),
             "input_size": list(meta.input_size),
-            "input_datatypes": list(INPUT_DATATYPES),
-            "pixel_range": {"UINT8": [0, 255], "FP32": [0.0, 1.0]},
+            **pixel_params(),
             "mean": list(meta.mean),
             "std": list(meta.std),
             "architecture": meta.architecture,
@@ -220,30 +250,9 @@ class ModelRunner:
 
     def metadata(self) -> ModelMetadata:
         """V2 model metadata, with everything a client needs in ``parameters``."""
-        h, w = self.input_size
-        k = len(self.class_names)
-        out_shape = [-1] if self._output.kind == "label" else [-1, k]
-        return ModelMetadata(
-            name=self._name,
-            versions=[MODEL_VERSION],
-            platform="pytorch",
-            inputs=[
-                MetadataTensor(
-                    name=INPUT_NAME,
-                    datatype="UINT8",
-                    shape=[-1, 3, h, w],
-                    parameters={"also_accepts": ["FP32"]},
-                )
-            ],
-            outputs=[
-                MetadataTensor(
-                    name=self._output.output_name,
-                    datatype=self._output.datatype,
-                    shape=out_shape,
-                )
-            ],
-            parameters=self._parameters(),
-        )
+        return v2_metadata(name=self._name, platform="pytorch", input_hw=self.input_size,
+                           output=self._output, num_classes=len(self.class_names),
+                           parameters=self._parameters())
 
     def info(self) -> dict[str, Any]:
         """The native ``/v1`` model description."""
