@@ -54,14 +54,18 @@ class _Message(BaseModel):
 Shape = list[Annotated[int, Field(strict=True, ge=0)]]
 
 
-class RequestInput(_Message):
-    """One input tensor of an inference request (``data`` absent when sent as binary)."""
+class _Tensor(_Message):
+    """A named tensor in a request or response (``data`` absent when sent as binary)."""
 
     name: str
     shape: Shape
     datatype: str
     parameters: dict[str, Any] | None = None
     data: Any = None
+
+
+class RequestInput(_Tensor):
+    """One input tensor of an inference request (``data`` absent when sent as binary)."""
 
 
 class RequestedOutput(_Message):
@@ -92,14 +96,8 @@ class InferenceRequest(_Message):
     outputs: list[RequestedOutput] | None = None
 
 
-class ResponseOutput(_Message):
+class ResponseOutput(_Tensor):
     """One output tensor of an inference response (``data`` absent when sent as binary)."""
-
-    name: str
-    shape: Shape
-    datatype: str
-    parameters: dict[str, Any] | None = None
-    data: Any = None
 
 
 class InferenceResponse(_Message):
@@ -213,7 +211,7 @@ def _binary_size(params: dict[str, Any] | None, name: str) -> int | None:
 
 
 def _read_tensors(
-    entries: Sequence[RequestInput | ResponseOutput], rest: memoryview, what: str
+    entries: Sequence[_Tensor], rest: memoryview, what: str
 ) -> dict[str, np.ndarray]:
     sizes = [_binary_size(e.parameters, e.name) for e in entries]
     announced = sum(s for s in sizes if s is not None)
