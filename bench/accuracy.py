@@ -223,7 +223,7 @@ def plot(summary: Sequence[dict[str, Any]], path: Path, title: str) -> None:
         pts = sorted((s for s in summary if s["method"] == m), key=lambda s: s["budget"])
         xs = [p["budget"] for p in pts]
         ours = m.startswith("ours")
-        color = colors[(2 * i) % 20 if i < 10 else (2 * i + 1) % 20]
+        color = colors[(2 * i) % 20 if i < 10 else (2 * i + 1) % 20]  # dark shades, then light
         ax.plot(xs, [p["mean"] for p in pts], marker="o" if ours else "s", color=color,
                 linestyle="-" if ours else "--", linewidth=2.2 if m == "ours" else 1.4,
                 label=m)
@@ -297,9 +297,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                                  f"({type(exc).__name__}: {exc}); fix or delete that line, or "
                                  "run without --resume to start afresh") from None
     rows: list[dict[str, Any]] = []
+    keys = [key_of(job) for job in jobs]
     todo = []
-    for job in jobs:
-        key = key_of(job)
+    for job, key in zip(jobs, keys, strict=True):
         if key in earlier:
             rows.append(earlier[key])
         else:
@@ -328,13 +328,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     resumed = len(rows)
     t0 = time.perf_counter()
     run_jobs(todo, args.jobs, done, failed)
-    order = {key_of(j): i for i, j in enumerate(jobs)}
+    order = {key: i for i, key in enumerate(keys)}
     rows.sort(key=lambda r: order[row_key(r)])
     if not rows:
         raise SystemExit(f"every fit failed; first: {failures[0]}")
     summary = summarize(rows)
     # resumed rows may come from another machine: name every oracle that made the table
-    where = ", ".join(sorted({f"HTTP {r['oracle'][5:]}" if r["oracle"].startswith("HTTP")
+    where = ", ".join(sorted({r["oracle"] if r["oracle"].startswith("HTTP ")
                               else f"local uint8 oracle ({r['oracle']})" for r in rows}))
     record = {"data": args.data, "output": args.output, "oracle": where, "seeds": seeds,
               "budgets": list(budgets), "rows": rows, "summary": summary,
