@@ -34,8 +34,7 @@ class Run:
     wall: float
     images: int
     requests: int
-    theta: torch.Tensor
-    model: Reprogrammer
+    model: Reprogrammer  # the fitted prompt
     phases: dict[str, float]  # the fit's own split (reprogram.fit.PHASES)
     wire: dict[str, float]  # HttpOracle's split of the queries (empty in-process)
 
@@ -47,8 +46,7 @@ def one_fit(oracle: Oracle, budget: int, seed: int) -> Run:
     result = fit(cfg, oracle, data)
     wall = time.perf_counter() - t0
     return Run(wall=wall, images=oracle.images_used, requests=oracle.requests_used,
-               theta=result.model.program.theta.detach().clone(), model=result.model,
-               phases=dict(result.timings),
+               model=result.model, phases=dict(result.timings),
                wire=dict(getattr(oracle, "timings", {})))
 
 
@@ -74,8 +72,7 @@ def forward_seconds_per_image(run: Run, batch: int = 256, repeats: int = 20) -> 
 def report(local: Run, http: Run, per_image: float, budget: int) -> str:
     floor = http.images * per_image
     w = http.wire
-    server = w.get("server_decode", 0.0) + w.get("server_forward", 0.0) + w.get(
-        "server_encode", 0.0)
+    server = sum(w.get(f"server_{stage}", 0.0) for stage in ("decode", "forward", "encode"))
 
     def client(run: Run, *names: str) -> float:
         return sum(run.phases.get(n, 0.0) for n in names)
@@ -119,7 +116,7 @@ def report(local: Run, http: Run, per_image: float, budget: int) -> str:
         f"forward pass at batch 256 on the fit's own frames) = {floor:.2f} s; in-process "
         f"fit {local.wall / floor:.2f}x, HTTP fit {http.wall / floor:.2f}x the floor",
         f"same parameters in both fits: max |diff| = "
-        f"{float((local.theta - http.theta).abs().max()):.1e}",
+        f"{float((local.model.program.theta - http.model.program.theta).abs().max().detach()):.1e}",
     ]
     return "\n".join(lines)
 
