@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Install what the tests need, from this repository's own files:
+#   - the project and its `test` extra into the active Python environment;
+#   - the Debian packages listed in scripts/apt-packages.txt (apt-get, as root or with sudo);
+#   - one virtual environment per file scripts/venvs/NAME.txt, at .venvs/NAME, for third-party
+#     servers whose pins clash with ours (created once; rebuilt when the file changes).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python -m pip install --quiet --disable-pip-version-check -e '.[test]'
+
+mapfile -t wanted < <(grep -v '^\s*#' scripts/apt-packages.txt | awk 'NF {print $1}')
+missing=()
+for pkg in "${wanted[@]}"; do
+  dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+done
+if ((${#missing[@]})); then
+  sudo=""; [ "$(id -u)" = 0 ] || sudo="sudo"
+  echo "setup: apt-get install ${missing[*]}" >&2
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+for req in scripts/venvs/*.txt; do
+  [ -e "$req" ] || continue
+  name=$(basename "$req" .txt)
+  venv=".venvs/$name"
+  stamp="$venv/.requirements.sha256"
+  sum=$(sha256sum "$req" | cut -d' ' -f1)
+  if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$sum" ]; then
+    echo "setup: virtual environment $venv from $req" >&2
+    rm -rf "$venv"
+    python3 -m venv "$venv"
+    "$venv/bin/python" -m pip install --quiet --disable-pip-version-check --upgrade pip
+    "$venv/bin/python" -m pip install --quiet --disable-pip-version-check -r "$req"
+    echo "$sum" > "$stamp"
+  fi
+done
