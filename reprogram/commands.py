@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,26 @@ def _progress(total: int | None, enabled: bool) -> Any:
                 dynamic_ncols=True, desc="fit", file=sys.stderr)
 
 
+# Test hook: the README's test (tests/test_readme.py) runs its long fits short by setting this
+# variable; when it is unset (as for every user) ``--budget`` is used exactly as given.
+BUDGET_CAP_ENV = "REPROGRAM_BUDGET_CAP"
+
+
+def capped_budget(budget: int | None) -> int | None:
+    """``--budget``, lowered to ``$REPROGRAM_BUDGET_CAP`` when that is set and smaller."""
+    raw = os.environ.get(BUDGET_CAP_ENV)
+    if not raw or budget is None:
+        return budget
+    try:
+        cap = int(raw)
+    except ValueError:
+        raise ConfigError(f"expected an integer in ${BUDGET_CAP_ENV}, got {raw!r}") from None
+    if budget <= cap:
+        return budget
+    log.warning("--budget %d capped to %d by $%s", budget, cap, BUDGET_CAP_ENV)
+    return cap
+
+
 def fit_config_from_args(args: argparse.Namespace) -> FitConfig:
     estimator = args.estimator or ("rgf" if args.endpoint else "autograd")
     checkpoint = args.checkpoint or str(Path(args.out).with_suffix(".ckpt"))
@@ -39,7 +60,7 @@ def fit_config_from_args(args: argparse.Namespace) -> FitConfig:
         labelmap=args.labelmap, sources_per_target=args.sources_per_target,
         q=args.q, mu=args.mu, antithetic=args.antithetic, spsa_c=args.spsa_c,
         optimizer=args.optimizer, lr=args.lr, batch_size=args.batch_size, epochs=args.epochs,
-        budget=args.budget, eval_every=args.eval_every, seed=args.seed,
+        budget=capped_budget(args.budget), eval_every=args.eval_every, seed=args.seed,
         val_fraction=args.val_fraction, test_fraction=args.test_fraction,
         checkpoint=checkpoint, checkpoint_every=args.checkpoint_every,
     )
