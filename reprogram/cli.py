@@ -30,8 +30,10 @@ class _Parser(argparse.ArgumentParser):
 def _model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("source model (one of)")
     g.add_argument("--model", default=None,
-                   help="local model: 'default' (shipped) or 'torchvision:ARCH' (default: "
-                        "'default' when no --endpoint)")
+                   help="local model: 'default' (shipped), 'torchvision:ARCH' (with "
+                        "--weights), or the path of a model folder, model config or "
+                        "TorchScript/ONNX file with its config (default: 'default' when no "
+                        "--endpoint)")
     g.add_argument("--weights", default=None, help="state-dict file for --model torchvision:ARCH")
     g.add_argument("--endpoint", default=None,
                    help="URL of an Open Inference Protocol (KServe V2) server")

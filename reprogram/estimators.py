@@ -94,7 +94,8 @@ class GradientEstimator(ABC):
         if self.requires_differentiable and not oracle_differentiable:
             raise EstimatorError(
                 f"expected a differentiable oracle (a local model) for estimator "
-                f"{self.kind!r}, got a non-differentiable one (e.g. an HTTP endpoint); "
+                f"{self.kind!r}, got a non-differentiable one (an HTTP endpoint, an ONNX "
+                f"model or an output kind without scores); "
                 "use estimator 'rgf' or 'spsa'"
             )
 

@@ -189,9 +189,10 @@ class LocalOracle(Oracle):
         parse_output_kind(output)
         if max_batch < 1:
             raise ConfigError(f"expected max_batch >= 1, got {max_batch}")
-        self.model = SourceModel(model.module.to(self._device), model.meta)
+        self.model = SourceModel(model.module.to(self._device), model.meta,
+                                 model.differentiable)
         self.quantize = quantize
-        self.max_batch = max_batch
+        self.max_batch = min(max_batch, model.meta.max_batch or max_batch)  # the model's cap
         self._info = ModelInfo(
             name=model.meta.name,
             input_size=model.meta.input_size,
@@ -207,7 +208,8 @@ class LocalOracle(Oracle):
 
     @property
     def differentiable(self) -> bool:
-        return self._info.base_kind in ("probs", "logits")
+        """Scores with autograd: a torch model (not ONNX) revealing probs or logits."""
+        return self.model.differentiable and self._info.base_kind in ("probs", "logits")
 
     @property
     def device(self) -> torch.device:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
@@ -32,6 +32,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from reprogram.errors import ConfigError, ReprogramError
 from reprogram.oracles import LocalOracle, Oracle
+from reprogram.zoo.loaders import load_repository, repository_names, source_name
 from reprogram.zoo.registry import SourceModel, load_model
 from server import routes_ops, routes_prompts, routes_v1, routes_v2
 from server.gate import GateMiddleware, KeyRing
@@ -143,21 +144,43 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(Exception, on_unexpected)
 
 
-def _runner(settings: Settings, model: SourceModel) -> ModelRunner:
+def _runner(settings: Settings, model: SourceModel, name: str) -> ModelRunner:
+    """A runner with the model's own batch cap where its config sets one: forward passes of
+    at most that many images, and requests of at most that many (the V2 max_batch_size)."""
+    cap = model.meta.max_batch
+    max_images = min(settings.max_images_per_request, cap or settings.max_images_per_request,
+                     body_cap(settings, model.meta.input_size))
     return ModelRunner(
         model,
         output=settings.output,
-        max_batch=settings.max_batch,
-        max_images=settings.max_images_per_request,
-        name=served_name(settings),
+        max_batch=min(settings.max_batch, cap or settings.max_batch),
+        max_images=max_images,
+        name=name,
     )
 
 
+def body_cap(settings: Settings, input_size: tuple[int, int]) -> int:
+    """The most FP32 images of ``input_size`` a binary request body under the size limit
+    holds: so that a client that chunks by the advertised cap is never refused (413)."""
+    h, w = input_size
+    return max(1, (settings.max_body_bytes - 1024) // (3 * h * w * 4))  # 1 KiB: the header
+
+
 def served_name(settings: Settings) -> str:
-    """The V2 name of the source model: ``--name``, else ``default``/``torchvision-ARCH``."""
+    """The V2 name of the source model: ``--name``, else ``default``/``torchvision-ARCH``, or
+    what a model path's config names (its folder's name by default)."""
     if settings.served_name:
         return settings.served_name
+    if settings.model not in ("default",) and not settings.model.startswith("torchvision:"):
+        return source_name(settings.model)
     return settings.model.replace("torchvision:", "torchvision-")
+
+
+def source_names(settings: Settings) -> list[str]:
+    """The names the configured source models will be served under (read before loading)."""
+    if settings.model_repository:
+        return repository_names(settings.model_repository)
+    return [served_name(settings)]
 
 
 def load_source(settings: Settings) -> SourceModel:
@@ -165,14 +188,25 @@ def load_source(settings: Settings) -> SourceModel:
     return load_model(settings.model, settings.weights, settings.class_names())
 
 
-def _serve_model(registry: Registry, store: PromptStore, settings: Settings,
-                 model: SourceModel) -> None:
-    """Serve ``model`` and the stored prompts; the source is added last (it makes us ready)."""
-    oracle = LocalOracle(model, output=str(settings.output), quantize=True,
+def load_sources(settings: Settings) -> list[tuple[str, SourceModel]]:
+    """Every configured source model with its served name: the models of
+    ``--model-repository`` (in name order), or the one ``--model``."""
+    if settings.model_repository:
+        return [(m.meta.name, m) for m in load_repository(settings.model_repository)]
+    return [(served_name(settings), load_source(settings))]
+
+
+def _serve_models(registry: Registry, store: PromptStore, settings: Settings,
+                  models: Sequence[tuple[str, SourceModel]]) -> None:
+    """Serve the models and the stored prompts; hosted prompts run on the first model. The
+    models are added last (they make us ready)."""
+    first = models[0][1]
+    oracle = LocalOracle(first, output=str(settings.output), quantize=True,
                          max_batch=settings.max_batch)
     store.attach(SharedOracle(oracle))
     store.load_directory()
-    registry.add(_runner(settings, model))
+    for name, model in models:
+        registry.add(_runner(settings, model, name))
 
 
 def _serve_oracle(registry: Registry, store: PromptStore, settings: Settings,
@@ -184,41 +218,52 @@ def _serve_oracle(registry: Registry, store: PromptStore, settings: Settings,
                                 max_images=settings.max_images_per_request))
 
 
-async def _load_in_background(app: FastAPI, settings: Settings) -> None:
+async def _load_in_background(app: FastAPI, settings: Settings, names: list[str]) -> None:
     registry: Registry = app.state.registry
-    name = served_name(settings)
     try:
-        model = await asyncio.to_thread(load_source, settings)
-        await asyncio.to_thread(_serve_model, registry, app.state.prompts, settings, model)
-        logger.info("model %r loaded; ready", name)
+        models = await asyncio.to_thread(load_sources, settings)
+        await asyncio.to_thread(_serve_models, registry, app.state.prompts, settings, models)
+        for name in set(names) - {n for n, _ in models}:  # a config renamed it meanwhile
+            registry.forget(name)
+        logger.info("models %s loaded; ready", [n for n, _ in models])
     except ReprogramError as exc:
-        logger.error("cannot load model %r: %s", name, exc)
-        registry.mark_failed(name, str(exc))
+        logger.error("cannot load models %s: %s", names, exc)
+        for name in names:
+            registry.mark_failed(name, str(exc))
 
 
 def create_app(settings: Settings | None = None, model: SourceModel | None = None, *,
-               oracle: Oracle | None = None) -> FastAPI:
-    """Build the app on a source: ``model`` (already loaded), ``oracle``, or neither (the
-    model in ``settings`` is loaded in the lifespan)."""
+               oracle: Oracle | None = None,
+               models: Sequence[tuple[str, SourceModel]] | None = None) -> FastAPI:
+    """Build the app on a source: ``model`` (already loaded), ``models`` (``(name, model)``
+    pairs, as :func:`load_sources` gives), ``oracle``, or none of them (the models in
+    ``settings`` are loaded in the lifespan)."""
     settings = settings or Settings()
-    if model is not None and oracle is not None:
-        raise ConfigError("expected a model or an oracle as the source, got both")
+    if sum(x is not None for x in (model, oracle, models)) > 1:
+        raise ConfigError("expected one source (a model, models or an oracle), got several")
+    if model is not None:
+        models = [(settings.served_name or model.meta.name, model)]
+    if models is not None and not models:
+        raise ConfigError("expected at least one source model, got none")
     registry = Registry()
     store = PromptStore(registry, settings.prompts_dir, max_bytes=settings.max_prompt_bytes,
                         max_images=settings.max_images_per_request,
                         max_pixels=settings.max_image_pixels)
-    if model is not None:
-        _serve_model(registry, store, settings, model)
+    pending: list[str] = []
+    if models is not None:
+        _serve_models(registry, store, settings, models)
     elif oracle is not None:
         _serve_oracle(registry, store, settings, oracle)
     else:
-        registry.mark_loading(served_name(settings))
+        pending = source_names(settings)
+        for name in pending:
+            registry.mark_loading(name)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         task = None
-        if model is None and oracle is None:
-            task = asyncio.create_task(_load_in_background(app, settings))
+        if pending:
+            task = asyncio.create_task(_load_in_background(app, settings, pending))
         yield
         app.state.draining = True
         if task is not None and not task.done():

@@ -224,6 +224,11 @@ class ModelRunner:
     def max_images(self) -> int:
         return self._max_images
 
+    @property
+    def resize_policy(self) -> tuple[str, int | None]:
+        """How ``/v1`` uploads are fitted to the input size (the model config's ``resize``)."""
+        return self._model.meta.resize, self._model.meta.resize_size
+
     def infer(self, images: np.ndarray) -> np.ndarray:
         """Check a batch, run it and reveal: float32 ``[N, K]`` scores or int64 labels ``[N]``."""
         check_images(images, self.input_size, self._max_images)
@@ -246,11 +251,13 @@ class ModelRunner:
             "architecture": meta.architecture,
             "weights_sha256": meta.weights_sha256,
             "max_batch_size": self._max_images,
+            "resize": meta.resize,
         }
 
     def metadata(self) -> ModelMetadata:
         """V2 model metadata, with everything a client needs in ``parameters``."""
-        return v2_metadata(name=self._name, platform="pytorch", input_hw=self.input_size,
+        return v2_metadata(name=self._name, platform=self._model.meta.platform,
+                           input_hw=self.input_size,
                            output=self._output, num_classes=len(self.class_names),
                            parameters=self._parameters())
 
@@ -286,9 +293,23 @@ class Registry:
         with self._lock:
             self._pending[name] = message
 
+    def forget(self, name: str) -> None:
+        """Drop a name marked loading or failed (one that will not be served after all)."""
+        with self._lock:
+            self._pending.pop(name, None)
+
     def names(self) -> list[str]:
         with self._lock:
             return sorted(self._models)
+
+    def states(self) -> list[tuple[str, str, str]]:
+        """``(name, state, reason)`` per name, served or not, in name order; ``state`` is
+        Triton's ``READY``, ``LOADING`` or ``UNAVAILABLE`` (with the failure as reason)."""
+        with self._lock:
+            rows = [(n, "READY", "") for n in self._models]
+            rows += [(n, "UNAVAILABLE" if why else "LOADING", why or "")
+                     for n, why in self._pending.items() if n not in self._models]
+        return sorted(rows)
 
     def ready(self) -> bool:
         """True when something is served and nothing is loading or failed."""

@@ -19,8 +19,8 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from reprogram.errors import ReprogramError
-from server.app import create_app, load_source
+from reprogram.errors import ConfigError, ReprogramError
+from server.app import create_app, load_sources
 from server.gate import ENV_VAR, load_api_keys
 from server.lifecycle import serve
 from server.settings import LOG_LEVELS, OutputKind, Settings
@@ -40,7 +40,13 @@ def build_parser() -> argparse.ArgumentParser:
         prog="reprogram-server",
         description="Serve a frozen image classifier over KServe V2 and /v1 with uvicorn.",
     )
-    p.add_argument("--model", default=d.model, help="'default' or 'torchvision:ARCH'")
+    p.add_argument("--model", default=None,
+                   help="'default' (the default), 'torchvision:ARCH' (with --weights), or the"
+                        " path of a model folder, model config or TorchScript/ONNX file with its"
+                        " config")
+    p.add_argument("--model-repository", default=None, metavar="DIR",
+                   help="serve every model of DIR: one sub-folder per model with its"
+                        " config.json and weights (Triton's layout)")
     p.add_argument("--weights", default=None, help="state-dict file (.safetensors or .pt)")
     p.add_argument("--class-names", default=None, help="JSON list or one class name per line")
     p.add_argument("--name", default=None, help="served model name (default: from --model)")
@@ -88,8 +94,12 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_settings(argv: Sequence[str] | None = None) -> Settings:
     """Parse arguments into validated :class:`Settings` (``ConfigError`` on bad values)."""
     args = build_parser().parse_args(argv)
+    d = Settings()
+    if args.model and args.model_repository:
+        raise ConfigError("expected --model or --model-repository, got both")
     return Settings(
-        model=args.model,
+        model=args.model or d.model,
+        model_repository=args.model_repository,
         weights=args.weights,
         class_names_file=args.class_names,
         served_name=args.name,
@@ -119,15 +129,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``reprogram-server`` console script."""
     try:
         settings = parse_settings(argv)
-        model = load_source(settings)
+        models = load_sources(settings)
     except ReprogramError as exc:
         sys.stderr.write(f"reprogram-server: error: {exc}\n")
         return 2
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    app = create_app(settings, model=model)
-    logger.info("serving %s (output %s) on %s:%d; %s", model.meta.name, settings.output,
+    app = create_app(settings, models=models)
+    logger.info("serving %s (output %s) on %s:%d; %s", [n for n, _ in models], settings.output,
                 settings.host, settings.port,
                 f"{len(settings.api_keys)} API key(s) required" if settings.api_keys
                 else "no API keys: open to every client")

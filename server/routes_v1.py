@@ -20,6 +20,7 @@ from PIL import Image, UnidentifiedImageError
 from starlette.datastructures import UploadFile
 
 from reprogram.errors import ProtocolError
+from reprogram.zoo.modelconfig import resize_image
 from server.admission import admission_for, lookup
 from server.inference import Registry, Servable, TooLarge, UnsupportedMedia, top_entries
 from server.openapi import errors
@@ -106,9 +107,9 @@ async def predict(
 def _predict(
     servable: Servable, files: list[tuple[str, bytes]], top_k: int, max_pixels: int
 ) -> dict[str, Any]:
-    batch = np.stack(
-        [decode_image(data, name, servable.input_size, max_pixels) for name, data in files]
-    )
+    policy = getattr(servable, "resize_policy", ("stretch", None))  # source models have one
+    batch = np.stack([decode_image(data, name, servable.input_size, max_pixels, policy)
+                      for name, data in files])
     scores = servable.infer(batch)
     tops = top_entries(scores, top_k, servable.class_names, servable.output)
     return {
@@ -121,9 +122,12 @@ def _predict(
 
 
 def decode_image(
-    data: bytes, filename: str, size: tuple[int, int] | None, max_pixels: int
+    data: bytes, filename: str, size: tuple[int, int] | None, max_pixels: int,
+    policy: tuple[str, int | None] = ("stretch", None),
 ) -> np.ndarray:
-    """Decode a PNG/JPEG upload into uint8 ``[3, H, W]`` at ``size`` (None: its own size)."""
+    """Decode a PNG/JPEG upload into uint8 ``[3, H, W]`` at ``size`` (None: its own size),
+    fitted by ``policy`` (``stretch``, ``crop`` or ``letterbox`` with the crop's resize size;
+    see :func:`reprogram.zoo.modelconfig.resize_image`)."""
     label = repr(filename) if filename else "upload"
     if not data:
         raise ProtocolError(f"expected a PNG or JPEG image in {label}, got an empty file")
@@ -148,8 +152,8 @@ def decode_image(
         rgb = img.convert("RGB")
     except Exception as exc:  # truncated or corrupt pixel data
         raise _broken(label, exc) from None
-    if size is not None and rgb.size != (size[1], size[0]):
-        rgb = rgb.resize((size[1], size[0]), Image.Resampling.BILINEAR)
+    if size is not None:
+        rgb = resize_image(rgb, size, policy[0], policy[1])
     return np.asarray(rgb, dtype=np.uint8).transpose(2, 0, 1).copy()
 
 

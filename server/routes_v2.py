@@ -12,6 +12,7 @@ bucket before reading the body, bounds JSON nesting and size before parsing
 
 from __future__ import annotations
 
+import json
 import time
 import zlib
 from typing import Any
@@ -28,7 +29,7 @@ from reprogram.errors import ProtocolError
 from reprogram.protocol import InferenceRequest, InferenceResponse, OutputTensor, RequestedOutput
 from server.admission import Admission, admission_for, lookup
 from server.gate import caller_of, visible_to
-from server.inference import INPUT_NAME, Registry, Servable, TooLarge
+from server.inference import INPUT_NAME, MODEL_VERSION, Registry, Servable, TooLarge
 from server.limits import check_json_structure
 from server.openapi import errors, schema_ref
 from server.settings import Settings
@@ -114,6 +115,37 @@ def ready(request: Request) -> JSONResponse:
 def server_metadata() -> protocol.ServerMetadata:
     """Server name, version and supported protocol extensions."""
     return protocol.ServerMetadata(name="reprogram", version=_version(), extensions=EXTENSIONS)
+
+
+class IndexEntry(BaseModel):
+    """One row of ``POST /v2/repository/index`` (Triton's and KServe's repository extension)."""
+
+    name: str
+    version: str | None = None
+    state: str
+    reason: str = ""
+
+
+@router.post("/repository/index", responses=errors(400))
+async def repository_index(request: Request) -> list[IndexEntry]:
+    """Every source model with its state (``READY``, ``LOADING``, ``UNAVAILABLE``); body
+    ``{"ready": true}`` lists only the ready ones. Hosted prompts are listed at /v1/prompts."""
+    body = await request.body()
+    try:
+        options = json.loads(body) if body.strip() else {}
+    except ValueError:
+        raise ProtocolError("expected a JSON object such as {\"ready\": true}, got invalid"
+                            " JSON") from None
+    ready = options.get("ready", False) if isinstance(options, dict) else None
+    if not isinstance(ready, bool):
+        raise ProtocolError(f"expected a JSON object with an optional boolean 'ready', got"
+                            f" {body[:80]!r}")
+    store = getattr(request.app.state, "prompts", None)
+    prompts = {p.name for p in store.list()} if store is not None else set()
+    rows = [IndexEntry(name=n, version=MODEL_VERSION if state == "READY" else None, state=state,
+                       reason=why)
+            for n, state, why in registry_of(request).states() if n not in prompts]
+    return [r for r in rows if r.state == "READY" or not ready]
 
 
 _META_ERRORS = errors(404, 503)

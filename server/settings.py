@@ -103,6 +103,10 @@ class ApiKey:
 class Settings:
     """Everything the operator chooses when starting the server.
 
+    ``model``: ``default``, ``torchvision:ARCH`` (with ``weights``) or the path of a model
+    folder, config or file (see :mod:`reprogram.zoo.loaders`); ``model_repository``: a folder
+    of models instead (one sub-folder each, Triton's layout), all of them served.
+
     ``prompts_dir``: where uploaded prompts are stored and loaded from at startup (``None``:
     in memory only, lost on restart); ``max_prompt_bytes``: the upload cap for a prompt file.
 
@@ -117,6 +121,7 @@ class Settings:
     """
 
     model: str = "default"
+    model_repository: str | None = None
     weights: str | None = None
     class_names_file: str | None = None
     served_name: str | None = None
@@ -159,6 +164,11 @@ class Settings:
             raise ConfigError(f"expected a port in 0..65535, got {self.port}")
         if self.log_level not in LOG_LEVELS:
             raise ConfigError(f"expected a log level in {LOG_LEVELS}, got {self.log_level!r}")
+        if self.model_repository is not None and (self.model != "default" or self.weights
+                                                  or self.served_name or self.class_names_file):
+            raise ConfigError("expected --model-repository alone, got it with --model,"
+                              " --weights, --name or --class-names (each model's config"
+                              " names those)")
         if self.served_name is not None and not _url_safe(self.served_name):
             raise ConfigError(
                 f"expected a served name of letters, digits, '-', '_' or '.', got"

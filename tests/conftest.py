@@ -32,6 +32,20 @@ __all__ = ["free_port", "server_command", "stop_process", "wait_ready"]  # for t
 READY_TIMEOUT_S = 90.0
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--extended", action="store_true", default=False,
+                     help="also run the long tests (marked extended): big fits, real-size models")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if config.getoption("--extended"):
+        return
+    skip = pytest.mark.skip(reason="long test: run with --extended")
+    for item in items:
+        if "extended" in item.keywords:
+            item.add_marker(skip)
+
+
 def server_command() -> list[str]:
     """The ``reprogram-server`` console script of this interpreter's environment."""
     script = shutil.which("reprogram-server", path=str(Path(sys.executable).parent))

@@ -108,7 +108,7 @@ BAD = {
     "bad --output": ((*FIT, "--output", "everything"), "output kind"),
     "model and endpoint": ((*FIT, "--model", "default", "--endpoint", "http://127.0.0.1:9"),
                            "got both"),
-    "unknown model": ((*FIT, "--model", "resnet9000"), "model name 'resnet9000'"),
+    "unknown model": ((*FIT, "--model", "resnet9000"), "got 'resnet9000' .no such file."),
     "junk torchvision weights": ((*FIT, "--model", "torchvision:resnet18", "--weights",
                                   "{junk}"), "cannot read weights"),
     "missing data folder": (("fit", "--data", "{missing}", "--budget", "3000"),

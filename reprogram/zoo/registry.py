@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 
@@ -37,6 +37,10 @@ class ModelMeta:
     class_names: tuple[str, ...]
     weights_sha256: str
     extra: dict[str, object] = field(default_factory=dict)
+    platform: str = "pytorch"  # V2 metadata: pytorch, pytorch_libtorch, onnxruntime_onnx
+    max_batch: int | None = None  # the most images per forward pass and request (None: any)
+    resize: str = "stretch"  # how /v1 uploads are fitted to input_size (see modelconfig)
+    resize_size: int | None = None
 
     @property
     def num_classes(self) -> int:
@@ -55,10 +59,13 @@ class ModelMeta:
 
 @dataclass(frozen=True)
 class SourceModel:
-    """A frozen classifier (inputs in [0, 1], logits out) with its metadata."""
+    """A frozen classifier (inputs in [0, 1], logits out) with its metadata.
+
+    ``differentiable`` is False where the module runs outside torch's autograd (ONNX)."""
 
     module: nn.Module
     meta: ModelMeta
+    differentiable: bool = True
 
 
 def sha256_file(path: Path) -> str:
@@ -80,7 +87,7 @@ def _wrap(net: nn.Module, mean: tuple[float, ...], std: tuple[float, ...]) -> nn
     return freeze(nn.Sequential(Normalize(mean, std), net))
 
 
-def _load_state(path: Path) -> dict[str, torch.Tensor]:
+def load_state(path: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise ModelError(f"expected a weights file, got {str(path)!r}: no such file")
     try:
@@ -119,7 +126,7 @@ def load_default(weights: Path | None = None, meta_path: Path | None = None) -> 
             f" at {str(weights)!r}; reinstall the package or run `python -m reprogram.zoo.train`"
         )
     net = ShapesNet(num_classes=len(record["class_names"]), width=int(record["width"]))
-    net.load_state_dict(_load_state(weights))
+    net.load_state_dict(load_state(weights))
     meta = ModelMeta(
         name="default",
         architecture=f"ShapesNet(width={record['width']})",
@@ -146,52 +153,13 @@ def load_torchvision(
     """A torchvision architecture with a state-dict file, or a weights enum name.
 
     ``weights`` is a path to a ``.safetensors``/``.pt`` state dict, or the name of a
-    torchvision weights enum member (e.g. ``IMAGENET1K_V1``), which torchvision downloads
-    where a network exists. Nothing in the default path or the tests uses the latter.
+    torchvision weights enum member (e.g. ``IMAGENET1K_V1``) whose file is already in torch's
+    hub cache: nothing is ever downloaded (see :mod:`reprogram.zoo.loaders`).
     """
-    import torchvision.models as tvm
+    from reprogram.zoo.loaders import load_torchvision as load
 
-    if arch not in tvm.list_models(module=tvm):
-        raise ModelError(f"expected a torchvision classification model name, got {arch!r}")
-    if weights is None:
-        raise ModelError(f"torchvision:{arch} needs --weights FILE (a state dict) or an enum name")
-    path = Path(weights)
-    if path.suffix in (".safetensors", ".pt", ".pth", ".bin") or path.exists():
-        state = _load_state(path)
-        head = [v for k, v in state.items() if k.endswith("weight") and v.ndim == 2]
-        num_classes = int(head[-1].shape[0]) if head else 1000
-        names = class_names or tuple(f"class_{i}" for i in range(num_classes))
-        if len(names) != num_classes:
-            raise ModelError(f"expected {num_classes} class names, got {len(names)}")
-        net = tvm.get_model(arch, weights=None, num_classes=num_classes)
-        try:
-            net.load_state_dict(state)
-        except RuntimeError as exc:
-            raise ModelError(f"weights {weights!r} do not fit torchvision {arch}: {exc}") from exc
-        digest = sha256_file(path)
-        mean, std, size = IMAGENET_MEAN, IMAGENET_STD, input_size
-    else:  # a weights enum: needs a network the first time
-        enum = tvm.get_model_weights(arch)
-        try:
-            member = enum[weights]
-        except KeyError as exc:
-            raise ModelError(f"expected one of {[w.name for w in enum]}, got {weights!r}") from exc
-        net = tvm.get_model(arch, weights=member)
-        names = tuple(member.meta["categories"])
-        digest = f"torchvision:{arch}:{weights}"
-        tf = member.transforms()
-        mean, std = tuple(tf.mean), tuple(tf.std)
-        size = int(tf.crop_size[0])
-    meta = ModelMeta(
-        name=f"torchvision-{arch}",
-        architecture=f"torchvision:{arch}",
-        input_size=(size, size),
-        mean=mean,
-        std=std,
-        class_names=names,
-        weights_sha256=digest,
-    )
-    return SourceModel(_wrap(net, mean, std), meta)
+    net, meta = load(arch, weights, class_names=class_names, input_size=(input_size, input_size))
+    return SourceModel(_wrap(net, meta.mean, meta.std), meta)
 
 
 def load_model(
@@ -199,9 +167,26 @@ def load_model(
     weights: str | None = None,
     class_names: tuple[str, ...] | None = None,
 ) -> SourceModel:
-    """Resolve a model name: ``default`` or ``torchvision:ARCH`` (with ``weights``)."""
+    """Resolve a model: ``default``, ``torchvision:ARCH`` (with ``weights``), or a path to a
+    model folder, a model config or a weights file with its config beside it
+    (:func:`reprogram.zoo.loaders.load_path`: TorchScript, ONNX, torchvision, default)."""
     if name == "default":
         return load_default(Path(weights) if weights else None)
     if name.startswith("torchvision:"):
         return load_torchvision(name.split(":", 1)[1], weights, class_names)
-    raise ModelError(f"expected 'default' or 'torchvision:ARCH', got model name {name!r}")
+    if Path(name).exists():
+        from reprogram.zoo.loaders import load_path
+
+        if weights is not None:
+            raise ModelError(f"expected no --weights with the model path {name!r}: its config"
+                             " names the weights")
+        model = load_path(name)
+        if class_names is not None:
+            if len(class_names) != model.meta.num_classes:
+                raise ModelError(f"expected {model.meta.num_classes} class names for {name!r},"
+                                 f" got {len(class_names)}")
+            model = SourceModel(model.module, replace(model.meta, class_names=class_names),
+                                model.differentiable)
+        return model
+    raise ModelError(f"expected 'default', 'torchvision:ARCH' or the path of a model folder,"
+                     f" config or file, got {name!r} (no such file)")
