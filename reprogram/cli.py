@@ -66,6 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--inner-size", type=int, default=None,
                    help="side of the resized target image (default: the frame for full, "
                         "half the frame for pad/patch)")
+    f.add_argument("--scale", default=None, metavar="auto|S",
+                   help="size the target image as AutoVP does: S times 128/224 of the frame "
+                        "(pad/full programs); 'auto' searches 0.5, 1, 1.5 on validation with "
+                        "30%% of the budget (instead of --inner-size)")
     f.add_argument("--resolution", type=int, default=None,
                    help="learn the program on an RxR grid upsampled to the frame")
     f.add_argument("--labelmap", default=None,

@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +67,29 @@ def fit_config_from_args(args: argparse.Namespace) -> FitConfig:
     )
 
 
+def _scale(args: argparse.Namespace, cfg: FitConfig, oracle: Oracle,
+           data: TargetDataset) -> tuple[FitConfig, list[dict[str, Any]] | None]:
+    """Apply ``--scale auto|S`` (AutoVP's input scaling, :mod:`reprogram.scaling`)."""
+    from reprogram.scaling import scaled_inner, search_scale
+
+    if args.scale is None:
+        return cfg, None
+    if args.inner_size is not None:
+        raise ConfigError("expected --scale or --inner-size, got both")
+    if args.scale == "auto":
+        if args.resume:
+            raise ConfigError("expected --scale auto without --resume; resume with "
+                              "--inner-size N, N being the size the search chose")
+        cfg, trials = search_scale(cfg, oracle, data)
+        return cfg, [t.to_dict() for t in trials]
+    try:
+        scale = float(args.scale)
+    except ValueError:
+        raise ConfigError(f"expected --scale auto or a number, got {args.scale!r}") from None
+    inner = scaled_inner(cfg.program, oracle.info.input_size, scale)
+    return replace(cfg, inner_size=inner), None
+
+
 def cmd_fit(args: argparse.Namespace, oracle: Oracle) -> int:
     from reprogram.fit import fit
 
@@ -78,6 +102,7 @@ def cmd_fit(args: argparse.Namespace, oracle: Oracle) -> int:
     if out.is_dir():
         raise ConfigError(f"expected a file path for --out, got the folder {str(out)!r}")
     data = load_dataset(args.data, seed=cfg.seed)
+    cfg, trials = _scale(args, cfg, oracle, data)
     bars: list[Any] = []  # opened at the first step: a fit that fails to start draws nothing
 
     def on_step(row: dict[str, Any]) -> None:
@@ -94,7 +119,10 @@ def cmd_fit(args: argparse.Namespace, oracle: Oracle) -> int:
     finally:
         for bar in bars:
             bar.close()
-    save_prompt(result.prompt, out)
+    prompt = result.prompt
+    if trials is not None:
+        prompt = replace(prompt, metrics={**prompt.metrics, "scale_search": trials})
+    save_prompt(prompt, out)
     curve = learning_curve(result.history, out.with_suffix(".curve.png"),
                            title=f"{cfg.estimator} on {data.name}")
     summary = {
@@ -104,6 +132,9 @@ def cmd_fit(args: argparse.Namespace, oracle: Oracle) -> int:
         "queries": result.queries, "steps": result.steps, "stopped": result.stop_reason,
         "seconds": round(result.seconds, 1),
     }
+    if trials is not None:
+        summary["scale_search"] = trials
+        summary["inner_size"] = cfg.inner_size
     print(json.dumps(summary, indent=2))
     return 0
 

@@ -92,8 +92,10 @@ class FitConfig:
         # default: the target image fills a full-frame overlay, or half the frame inside a pad
         inner = self.inner_size or (min(frame_size) if self.program == "full"
                                     else max(1, min(frame_size) // 2))
+        # a patch is a quarter of the frame's shorter side (8 px at 32, 56 px at 224)
+        patch = {"patch_size": max(1, min(frame_size) // 4)} if self.program == "patch" else {}
         return ProgramSpec(kind=self.program, frame_size=frame_size, inner_size=inner,
-                           resolution=self.resolution, mask=self.mask)
+                           resolution=self.resolution, mask=self.mask, **patch)
 
     def labelmap_spec(self, num_source: int, num_target: int) -> LabelMapSpec:
         return LabelMapSpec(kind=self.labelmap, num_source=num_source, num_target=num_target,

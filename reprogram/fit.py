@@ -298,8 +298,10 @@ def fit(
     resume: bool = False,
     callback: Callback | None = None,
     source_fingerprint: dict[str, Any] | None = None,
+    evaluate_test: bool = True,
 ) -> FitResult:
-    """Learn a program and label map for ``data`` on ``oracle`` (see the module docstring)."""
+    """Learn a program and label map for ``data`` on ``oracle`` (see the module docstring);
+    ``evaluate_test=False`` leaves the test split untouched (a trial of a search)."""
     t0 = time.perf_counter()
     fitter = Fitter(cfg, oracle, data)
     if resume:
@@ -331,7 +333,7 @@ def fit(
     try:
         with fitter._phase("test"):
             test_acc = model.accuracy(fitter.test.images, fitter.test.labels, oracle) if len(
-                fitter.test) else None
+                fitter.test) and evaluate_test else None
     finally:
         oracle.budget, oracle.max_requests = budget, max_requests
     queries = {"images": train_queries, "requests": oracle.requests_used,

@@ -11,7 +11,16 @@ Kinds (see DESIGN.md section 3):
 
 Coarse parameterization (``resolution=R``): theta lives on an ``R x R`` grid that is bilinearly
 upsampled (``align_corners=False``) to the frame, as AutoZOOM does for black-box attacks. This is
-what makes zeroth-order optimization affordable: the ZO dimension is ``d = 3 * R * R``.
+what makes zeroth-order optimization affordable: the ZO dimension is ``d = 3 * R * R``. On a
+non-square frame the grid keeps the frame's aspect: ``R`` cells along the shorter side and
+``round(R * long / short)`` along the longer, so a cell covers the same area at any frame size.
+
+Placement (every frame size, square or not): the target image is resized (bilinear, antialiased
+when shrinking, aspect not kept) to an ``inner x inner`` square and centred in the frame; an odd
+margin puts the extra pixel at the bottom and right (``top = (H - inner) // 2``). Sizes are
+fractions of the frame, not pixels: the fit's defaults are ``inner = min(H, W)`` for ``full``,
+``min(H, W) // 2`` for ``pad`` and a patch of ``min(H, W) // 4``, and AutoVP's input-scaling
+search (:mod:`reprogram.scaling`) picks ``inner`` on validation.
 """
 
 from __future__ import annotations
@@ -35,6 +44,7 @@ __all__ = [
     "ProgramKind",
     "ProgramSpec",
     "build_program",
+    "grid_shape",
 ]
 
 logger = logging.getLogger(__name__)
@@ -102,6 +112,16 @@ class InputTransform:
         return x.clamp(0.0, 1.0).contiguous()
 
 
+def grid_shape(resolution: int, size: tuple[int, int]) -> tuple[int, int]:
+    """The coarse grid over an area of ``size = (H, W)``: ``resolution`` cells along the shorter
+    side, the longer side in proportion (never more cells than pixels)."""
+    h, w = size
+    short = min(h, w)
+    rows = resolution if h == short else min(h, round(resolution * h / short))
+    cols = resolution if w == short else min(w, round(resolution * w / short))
+    return (rows, cols)
+
+
 @dataclass(frozen=True, kw_only=True)
 class ProgramSpec:
     """Geometry and parameterization of a :class:`Program` (JSON-safe via ``to_dict``).
@@ -112,8 +132,9 @@ class ProgramSpec:
         inner_size: side of the resized target image. For ``pad``/``full`` it is placed in the
             centre of the frame; for ``patch`` it is resized again to fill the whole frame (use
             the frame side to avoid a second resize).
-        resolution: theta lives on an ``R x R`` grid bilinearly upsampled to the program area
-            (the frame, or the patch for ``patch``); ``None`` = full resolution.
+        resolution: theta lives on an ``R x R`` grid (``R x round(R * W / H)`` on a frame wider
+            than tall, and the transpose) bilinearly upsampled to the program area (the frame,
+            or the patch for ``patch``); ``None`` = full resolution.
         patch_size: side of the top-left patch (``patch`` only).
         mask: ``full`` only: ``none`` = overlay everywhere, ``border`` = only outside the centre.
         init_std: theta is initialised ``N(0, init_std^2)`` from a seeded generator (0 = zeros:
@@ -184,7 +205,7 @@ class ProgramSpec:
     def theta_shape(self) -> tuple[int, int, int]:
         """``(3, R, R)`` when coarse, else ``(3, H, W)`` of :attr:`area_size`."""
         if self.resolution is not None:
-            return (3, self.resolution, self.resolution)
+            return (3, *grid_shape(self.resolution, self.area_size))
         return (3, *self.area_size)
 
     def input_transform(self) -> InputTransform:
