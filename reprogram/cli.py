@@ -78,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--sources-per-target", type=int, default=1)
     f.add_argument("--estimator", choices=("autograd", "rgf", "spsa"), default=None,
                    help="gradient estimator (default: autograd for a local model, rgf for "
-                        "an endpoint)")
+                        "an endpoint or an ONNX model)")
     f.add_argument("--q", type=int, default=None, help="RGF directions per step")
     f.add_argument("--mu", type=float, default=None, help="RGF smoothing radius")
     f.add_argument("--antithetic", action=argparse.BooleanOptionalAction, default=None)

@@ -52,8 +52,10 @@ def capped_budget(budget: int | None) -> int | None:
     return cap
 
 
-def fit_config_from_args(args: argparse.Namespace) -> FitConfig:
-    estimator = args.estimator or ("rgf" if args.endpoint else "autograd")
+def fit_config_from_args(args: argparse.Namespace, differentiable: bool = True) -> FitConfig:
+    """The fit config of ``reprogram fit``; the estimator defaults to autograd on a
+    differentiable local model and to rgf on an endpoint or an ONNX model."""
+    estimator = args.estimator or ("rgf" if args.endpoint or not differentiable else "autograd")
     checkpoint = args.checkpoint or str(Path(args.out).with_suffix(".ckpt"))
     return recommended_config(
         estimator,
@@ -93,7 +95,7 @@ def _scale(args: argparse.Namespace, cfg: FitConfig, oracle: Oracle,
 def cmd_fit(args: argparse.Namespace, oracle: Oracle) -> int:
     from reprogram.fit import fit
 
-    cfg = fit_config_from_args(args)
+    cfg = fit_config_from_args(args, oracle.differentiable)
     if cfg.epochs is None and cfg.budget is None:
         raise ConfigError("expected --budget N or --epochs N")
     out = Path(args.out)

@@ -64,6 +64,33 @@ def test_index_metadata_and_batch_caps_in_process(repository: Path) -> None:
     assert r.status_code == 413 and "at most 8 images" in r.json()["error"]
 
 
+def test_a_repository_loads_in_the_lifespan_and_a_failure_names_the_model(
+        repository: Path, tmp_path: Path) -> None:
+    import asyncio
+
+    import httpx
+
+    async def index(app: object) -> list[dict[str, str]]:
+        async with app.router.lifespan_context(app):  # type: ignore[attr-defined]
+            transport = httpx.ASGITransport(app=app)  # type: ignore[arg-type]
+            async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+                for _ in range(600):
+                    rows = (await c.post("/v2/repository/index")).json()
+                    if all(r["state"] != "LOADING" for r in rows):
+                        return list(rows)
+                    await asyncio.sleep(0.05)
+        raise AssertionError("still loading after 30 s")
+
+    rows = asyncio.run(index(create_app(Settings(model_repository=str(repository)))))
+    assert [r["state"] for r in rows] == ["READY"] * 4
+    broken = tmp_path / "broken"
+    (broken / "m").mkdir(parents=True)
+    (broken / "m" / "config.json").write_text('{"format": "onnx"}')
+    rows = asyncio.run(index(create_app(Settings(model_repository=str(broken)))))
+    assert rows[0]["name"] == "m" and rows[0]["state"] == "UNAVAILABLE"
+    assert "model.onnx" in rows[0]["reason"]
+
+
 def test_repository_excludes_model_and_name() -> None:
     from reprogram.errors import ConfigError
 
@@ -91,6 +118,8 @@ def test_exports_served_answer_alike_and_fit_alike(live_server: Callable[..., st
     for fmt in FORMATS:
         with HttpOracle(base, model=f"shapes-{fmt}") as oracle:
             assert float((oracle.query(x) - want).abs().max()) < 1e-4, fmt
+    with HttpOracle(base) as first:  # no model named: the first the repository index lists
+        assert first.info.name == "shapes-default"
     # the fits, in-process on the models the server loaded (the same loader); over HTTP
     # in the --extended test below
     loaded = {name: m for name, m in load_sources(Settings(model_repository=str(repository)))}
@@ -131,3 +160,23 @@ def test_a_broken_model_stops_the_server_at_start_naming_model_and_file(
                            str(repository), "--model", "default"], capture_output=True,
                           text=True, timeout=120, check=False)
     assert both.returncode == 2 and "got both" in both.stderr
+
+
+@pytest.mark.extended
+def test_resnet18_at_224_from_a_repository_fits_3000_queries_over_http(
+        live_server: Callable[..., str], tmp_path: Path) -> None:
+    root = tmp_path / "repo"
+    save_torchvision("resnet18", root / "resnet18", num_classes=1000, seed=0)
+    base = live_server("--model-repository", str(root), timeout=300)
+    out = tmp_path / "r18.safetensors"
+    proc = subprocess.run([sys.executable, "-m", "reprogram.cli", "fit", "--endpoint", base,
+                           "--data", "digits", "--budget", "3000", "--no-progress",
+                           "--out", str(out)], capture_output=True, text=True, timeout=3600,
+                          check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    summary = json.loads(proc.stdout)
+    assert summary["stopped"] == "budget" and summary["queries"]["images"] <= 3000
+    from reprogram.artifact import load_prompt
+
+    prompt = load_prompt(out)
+    assert prompt.program.frame_size == (224, 224) and prompt.source["name"] == "resnet18"
