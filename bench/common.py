@@ -62,8 +62,8 @@ def stop_process(proc: subprocess.Popen[bytes]) -> None:
 
 
 @contextmanager
-def server_process(args: Sequence[str] = (),
-                   env: Mapping[str, str] | None = None) -> Iterator[str]:
+def server_process(args: Sequence[str] = (), env: Mapping[str, str] | None = None,
+                   timeout: float = READY_TIMEOUT_S) -> Iterator[str]:
     """Run ``reprogram-server --host 127.0.0.1 --port FREE *args``; yield its base URL and
     always terminate it."""
     port = free_port()
@@ -74,7 +74,7 @@ def server_process(args: Sequence[str] = (),
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
                                 env=dict(env) if env is not None else None)
         try:
-            wait_ready(base, proc, log)
+            wait_ready(base, proc, log, timeout)
             yield base
         finally:
             stop_process(proc)

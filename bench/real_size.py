@@ -161,7 +161,7 @@ def run(batches: Sequence[int], calls: int, budget: int) -> tuple[list[Row], dic
     """Everything in one server's lifetime; the server is always terminated."""
     with tempfile.TemporaryDirectory() as tmp:
         root = write_repository(Path(tmp))
-        with server_process(["--model-repository", str(root)]) as base:
+        with server_process(["--model-repository", str(root)], timeout=600) as base:
             rows = [measure(base, root, name, b, calls) for name in MODELS for b in batches]
             fitted = fit_over_http(base, budget) if budget else None
     return rows, fitted

@@ -131,6 +131,7 @@ async def repository_index(request: Request) -> list[IndexEntry]:
     """Every source model with its state (``READY``, ``LOADING``, ``UNAVAILABLE``); body
     ``{"ready": true}`` lists only the ready ones. Hosted prompts are listed at /v1/prompts."""
     body = await request.body()
+    check_json_structure(body, max_depth=4, max_elements=64)  # a small options object
     try:
         options = json.loads(body) if body.strip() else {}
     except ValueError:
