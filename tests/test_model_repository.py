@@ -4,6 +4,7 @@ safetensors model does, and black-box fits on each end alike; a broken model sto
 
 from __future__ import annotations
 
+import io
 import json
 import subprocess
 import sys
@@ -13,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from reprogram.config import recommended_config
 from reprogram.data import load_digits
@@ -62,6 +64,12 @@ def test_index_metadata_and_batch_caps_in_process(repository: Path) -> None:
                         "data": x.ravel().tolist()}]}
     r = client.post("/v2/models/tiny-resnet/infer", json=body)
     assert r.status_code == 413 and "at most 8 images" in r.json()["error"]
+    # /v1 uploads are fitted by the model's resize policy (crop: a wide image, no distortion)
+    png = io.BytesIO()
+    Image.fromarray(np.full((30, 90, 3), 90, dtype=np.uint8)).save(png, format="PNG")
+    r = client.post("/v1/models/tiny-resnet/predict",
+                    files=[("files", ("wide.png", png.getvalue(), "image/png"))])
+    assert r.status_code == 200 and len(r.json()["predictions"][0]["top"]) == 5
 
 
 def test_a_repository_loads_in_the_lifespan_and_a_failure_names_the_model(
