@@ -126,7 +126,7 @@ class IndexEntry(BaseModel):
     reason: str = ""
 
 
-@router.post("/repository/index", responses=errors(400))
+@router.post("/repository/index", responses=errors(400, 413))
 async def repository_index(request: Request) -> list[IndexEntry]:
     """Every source model with its state (``READY``, ``LOADING``, ``UNAVAILABLE``); body
     ``{"ready": true}`` lists only the ready ones. Hosted prompts are listed at /v1/prompts."""

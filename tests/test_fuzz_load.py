@@ -24,7 +24,7 @@ def test_schemathesis_bounded_run() -> None:
     counts = re.search(r"(\d+) generated, (\d+) passed", summary)
     assert counts is not None, summary
     assert int(counts[1]) >= 300 and counts[1] == counts[2], summary
-    assert "Selected: 19/19" in summary and "Tested: 19" in summary
+    assert "Selected: 20/20" in summary and "Tested: 20" in summary
 
 
 def test_load_smoke(capsys: pytest.CaptureFixture[str]) -> None:
