@@ -133,7 +133,9 @@ def measure(base: str, root: Path, name: str, batch: int, calls: int) -> Row:
 def fit_over_http(base: str, budget: int) -> dict[str, object]:
     """A black-box fit of ``budget`` image queries on the ResNet-18 over HTTP."""
     t0 = time.perf_counter()
-    with HttpOracle(base, model="resnet18") as oracle:
+    # a 352-image fit query is 4 requests of at most 111 (the 64 MiB body cap) in flight at
+    # once, queued at the server: on a busy CPU the last can wait minutes
+    with HttpOracle(base, model="resnet18", timeout=900.0) as oracle:
         result = fit(recommended_config("rgf", budget=budget, seed=0), oracle, load_digits())
     seconds = time.perf_counter() - t0
     images = result.queries["images"] + result.queries["test_images"]
@@ -157,14 +159,23 @@ def format_table(rows: Sequence[Row]) -> str:
     return "\n".join(lines)
 
 
-def run(batches: Sequence[int], calls: int, budget: int) -> tuple[list[Row], dict | None]:
-    """Everything in one server's lifetime; the server is always terminated."""
+def run(batches: Sequence[int], calls: int, budget: int) -> None:
+    """Everything in one server's lifetime, printed as it comes; the server is always
+    terminated."""
+    print(f"in-process LocalOracle vs HttpOracle -> reprogram-server --model-repository"
+          f" (V2 binary, uint8), torch threads {torch.get_num_threads()}, client and server"
+          f" on one host, {os.cpu_count()} CPUs, load average"
+          f" {os.getloadavg()[0]:.1f}; {calls} calls per side in 5 alternating rounds",
+          flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         root = write_repository(Path(tmp))
         with server_process(["--model-repository", str(root)], timeout=600) as base:
             rows = [measure(base, root, name, b, calls) for name in MODELS for b in batches]
-            fitted = fit_over_http(base, budget) if budget else None
-    return rows, fitted
+            print(format_table(rows), flush=True)
+            if budget:
+                fitted = fit_over_http(base, budget)
+                print(f"black-box fit over HTTP on resnet18 (224x224, random weights):"
+                      f" {fitted}; load average {os.getloadavg()[0]:.1f}", flush=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -181,13 +192,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if calls < 1 or budget < 0 or any(not 1 <= b <= 256 for b in args.batches):
         p.error("expected --calls >= 1, --fit >= 0 and batch sizes in 1..256")
     with ThreadPoolExecutor(max_workers=1) as pool:  # from a worker thread, as the server
-        rows, fitted = pool.submit(run, args.batches, calls, budget).result()
-    print(f"in-process LocalOracle vs HttpOracle -> reprogram-server --model-repository"
-          f" (V2 binary, uint8), torch threads {torch.get_num_threads()}, client and server"
-          f" on one host, {os.cpu_count()} CPUs; {calls} calls per side in 5 alternating rounds")
-    print(format_table(rows))
-    if fitted is not None:
-        print(f"black-box fit over HTTP on resnet18 (224x224, random weights): {fitted}")
+        pool.submit(run, args.batches, calls, budget).result()
     return 0
 
 
