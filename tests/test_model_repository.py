@@ -114,7 +114,9 @@ def _black_box_accuracy(oracle: LocalOracle | HttpOracle) -> float:
 
 def _within_a_point(accuracy: dict[str, float]) -> None:
     assert max(accuracy.values()) - min(accuracy.values()) <= 0.01, accuracy
-    assert min(accuracy.values()) > 0.15, accuracy  # learned something: chance is 0.10
+    # learned something: chance is 0.10 (one standard error 0.014 on 450 test images); the
+    # three gave 0.158, 0.160 and 0.158 at this budget on a 2-core CPU
+    assert min(accuracy.values()) > 0.13, accuracy
 
 
 @pytest.mark.slow
