@@ -122,7 +122,7 @@ def _within_a_point(accuracy: dict[str, float]) -> None:
 @pytest.mark.slow
 def test_exports_served_answer_alike_and_fit_alike(live_server: Callable[..., str],
                                                    repository: Path, model: SourceModel) -> None:
-    base = live_server("--model-repository", str(repository))
+    base = live_server("--model-repository", str(repository), timeout=300)
     x = torch.rand(64, 3, 32, 32, generator=torch.Generator().manual_seed(3))
     want = LocalOracle(model).query(x)
     for fmt in FORMATS:
@@ -140,7 +140,7 @@ def test_exports_served_answer_alike_and_fit_alike(live_server: Callable[..., st
 @pytest.mark.extended
 def test_black_box_fits_over_http_on_each_export_end_alike(live_server: Callable[..., str],
                                                            repository: Path) -> None:
-    base = live_server("--model-repository", str(repository))
+    base = live_server("--model-repository", str(repository), timeout=300)
     accuracy = {}
     for fmt in FORMATS:
         with HttpOracle(base, model=f"shapes-{fmt}") as oracle:
