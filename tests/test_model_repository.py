@@ -176,7 +176,9 @@ def test_a_broken_model_stops_the_server_at_start_naming_model_and_file(
 def test_resnet18_at_224_from_a_repository_fits_3000_queries_over_http(
         live_server: Callable[..., str], tmp_path: Path) -> None:
     root = tmp_path / "repo"
-    save_torchvision("resnet18", root / "resnet18", num_classes=1000, seed=0)
+    # requests of at most 32 images: 4 in flight stay within the client's 60 s timeout even
+    # on a CPU that runs the network at a few images per second
+    save_torchvision("resnet18", root / "resnet18", num_classes=1000, seed=0, max_batch=32)
     base = live_server("--model-repository", str(root), timeout=300)
     out = tmp_path / "r18.safetensors"
     proc = subprocess.run([sys.executable, "-m", "reprogram.cli", "fit", "--endpoint", base,
