@@ -56,14 +56,15 @@ class ScaleTrial:
 def scaled_inner(program: str, frame_size: tuple[int, int], scale: float) -> int:
     """The target image side for ``scale`` (AutoVP: ``int(base * scale)``, capped so the
     program keeps a border: ``min(H, W) - 2`` for ``pad``, ``min(H, W)`` for ``full``)."""
-    if program not in ("pad", "full"):
-        raise ConfigError(f"expected a pad or full program for --scale (the image size is"
-                          f" what it sets), got {program!r}")
+    border = program in ("pad", "expand")  # ILM-VP's expansive prompt (``expand``, was ``pad``)
+    if not border and program != "full":
+        raise ConfigError(f"expected a pad (expand) or full program for --scale (the image size"
+                          f" is what it sets), got {program!r}")
     if not 0 < scale <= 8:
         raise ConfigError(f"expected a scale in (0, 8], got {scale}")
     short = min(frame_size)
     base = round(short * AUTOVP_BASE)
-    cap = short - 2 if program == "pad" else short
+    cap = short - 2 if border else short
     return max(1, min(cap, int(base * scale)))
 
 

@@ -61,7 +61,7 @@ def test_autovp_scales() -> None:
     assert [scaled_inner("pad", (32, 32), s) for s in (0.5, 1.0, 1.5)] == [9, 18, 27]
     assert [scaled_inner("full", (224, 224), s) for s in (0.5, 1.0, 1.5)] == [64, 128, 192]
     assert scaled_inner("pad", (32, 32), 4.0) == 30 and scaled_inner("full", (32, 32), 4.0) == 32
-    with pytest.raises(ConfigError, match="pad or full program"):
+    with pytest.raises(ConfigError, match="or full program"):
         scaled_inner("patch", (32, 32), 1.0)
 
 
@@ -111,7 +111,7 @@ def test_cli_scale_errors_are_one_line(tmp_path: Path,
     base = ["fit", "--data", "digits", "--budget", "3000", "--out", str(tmp_path / "p.st")]
     for extra, match in ((["--scale", "auto", "--inner-size", "10"], "got both"),
                          (["--scale", "big"], "auto or a number"),
-                         (["--scale", "auto", "--program", "patch"], "pad or full")):
+                         (["--scale", "auto", "--program", "patch"], "or full program")):
         assert main([*base, *extra]) != 0
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and match in err[0], err
