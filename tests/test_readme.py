@@ -1,13 +1,18 @@
 """The README is a tested path: its marked shell blocks run in order and print what it says.
 
-A shell block runs when the line right before its fence is ``<!-- readme-test -->``; a block
-``<!-- readme-test output -->`` after it shows the stdout it must print (JSON compared as
-structure, ``...`` matching anything). Blocks without a marker (installation, Docker, the test
-command itself, GPU benchmarks) do not run. The full convention is in ``tests/readme_blocks.py``.
+To make a README shell block run, put ``<!-- readme-test -->`` on the line right before its
+```` ```bash ```` fence (options after the word: ``http-errors`` lets a curl answer of 4xx/5xx
+pass, ``timeout=SECONDS``); to check what it prints, put ``<!-- readme-test output -->`` (or
+``output structure``, for answers that depend on a fit) right before the fenced block after
+it that shows the output: JSON is compared by keys, list lengths, strings, booleans and nulls
+(any number where a number is shown, ``...`` matching any text), other text line by line.
+Blocks without a marker (installation, Docker, the test command itself, GPU benchmarks) do
+not run. The details are in ``tests/readme_blocks.py``; ``tests/readme_runner.py`` runs them.
 
 ``test_readme_blocks_run_in_order`` runs every marked block of README.md in one ``bash``
-shell, in the order written, in a copy of this checkout's files (tracked, and untracked ones
-git does not ignore) in a scratch folder, as a reader with a fresh clone would. The README's
+shell, in the order written, so files, variables and background servers carry over from one
+block to the next, in a copy of this checkout's files (tracked, and untracked ones git does
+not ignore) in a scratch folder, as a reader with a fresh clone would. The README's
 installation block does not run: the blocks use this interpreter's environment (first on
 ``PATH``, the copy on ``PYTHONPATH``), where the project is installed already. Servers are real
 processes; loopback ports are mapped to free ones; ``$REPROGRAM_BUDGET_CAP`` caps every
@@ -25,16 +30,8 @@ import time
 from pathlib import Path
 
 import pytest
-from readme_blocks import (
-    Block,
-    ReadmeError,
-    first_failure,
-    json_diff,
-    map_ports,
-    output_diff,
-    parse,
-    run_blocks,
-)
+from readme_blocks import Block, ReadmeError, json_diff, map_ports, output_diff, parse
+from readme_runner import first_failure, run_blocks
 
 from bench.common import free_port
 from reprogram.commands import BUDGET_CAP_ENV, capped_budget
