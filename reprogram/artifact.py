@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +27,8 @@ from reprogram.fsutil import write_atomic
 from reprogram.labelmaps import LabelMapSpec, build_labelmap
 from reprogram.pipeline import Reprogrammer
 from reprogram.programs import ProgramSpec, build_program
+
+log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
 FORMAT_NAME = "reprogram.prompt"
@@ -207,16 +210,47 @@ def load_prompt(path: str | Path) -> Prompt:
     return loads_prompt(path.read_bytes())
 
 
+# what an endpoint's metadata says about its model when it gives no weights fingerprint
+IDENTITY_KEYS = ("name", "versions", "platform", "input_shape", "output_shape", "class_names")
+
+
+def identity_mismatch(recorded: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """The identity fields that both fingerprints give and that differ."""
+    return [f"{key} {recorded[key]!r} != {current[key]!r}" for key in IDENTITY_KEYS
+            if recorded.get(key) is not None and current.get(key) is not None
+            and recorded[key] != current[key]]
+
+
 def check_compatible(prompt: Prompt, input_size: tuple[int, int], num_classes: int,
-                     fingerprint: dict[str, Any] | None = None) -> None:
-    """Raise :class:`ArtifactError` unless the prompt was made for a model of this shape."""
+                     fingerprint: dict[str, Any] | None = None, *,
+                     allow_unverified: bool = False) -> None:
+    """Raise :class:`ArtifactError` unless the prompt was made for a model of this shape and,
+    as far as the model's fingerprint tells, this model.
+
+    With weights SHA-256 on both sides they must agree. Without (an endpoint whose metadata
+    gives none), the identity the metadata does give (name, versions, platform, shapes, class
+    names) must agree unless ``allow_unverified``; either way the weights stay unverified,
+    which is logged."""
     if tuple(prompt.program.frame_size) != tuple(input_size):
         raise ArtifactError(f"prompt was made for {list(prompt.program.frame_size)} inputs, "
                             f"this model takes {list(input_size)}")
     if prompt.labelmap.num_source != num_classes:
         raise ArtifactError(f"prompt was made for {prompt.labelmap.num_source} source classes, "
                             f"this model has {num_classes}")
+    current = fingerprint or {}
     want = prompt.source.get("weights_sha256")
-    have = (fingerprint or {}).get("weights_sha256")
-    if want and have and want != have:
-        raise ArtifactError(f"prompt was made for model weights {want}, this model has {have}")
+    have = current.get("weights_sha256")
+    if want and have:
+        if want != have:
+            raise ArtifactError(f"prompt was made for model weights {want}, this model has "
+                                f"{have}")
+        return
+    diffs = identity_mismatch(prompt.source, current)
+    if diffs and not allow_unverified:
+        raise ArtifactError(f"prompt was made for another model ({'; '.join(diffs)}) and the "
+                            "weights cannot be compared (no fingerprint); pass "
+                            "--allow-unverified-model to use it anyway")
+    log.warning("cannot verify that this is the model the prompt was made for (no weights "
+                "fingerprint on %s)%s", "either side" if not (want or have) else
+                "one side", f"; using it anyway although {'; '.join(diffs)}" if diffs
+                else "; its name and shapes match")

@@ -8,14 +8,15 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
 import torch
 
+from reprogram.endpoint_args import add_endpoint_args, http_oracle, wire
 from reprogram.errors import ReprogramError
+from reprogram.http_transport import SERVE_RETRY
 from reprogram.serving import add_serve_parser, cmd_serve
 
 log = logging.getLogger("reprogram")
@@ -41,13 +42,16 @@ def _model_args(p: argparse.ArgumentParser) -> None:
                    help="model name on the endpoint (default: the only/first model)")
     g.add_argument("--api-key", default=None,
                    help="API key for the endpoint (default: $REPROGRAM_API_KEY)")
-    g.add_argument("--output", default="probs",
-                   help="local model only: emulate what an API reveals: probs, logits, "
-                        "topk:K, label (default: probs)")
-    g.add_argument("--wire", choices=("uint8", "fp32"), default="uint8",
-                   help="image datatype sent to the model (default: uint8, as real APIs)")
+    g.add_argument("--output", default=None,
+                   help="what the model reveals: probs, logits, topk:K, topk-names:K, label "
+                        "(a local model emulates it, default probs; an endpoint's is read "
+                        "from its metadata or answers unless given)")
+    g.add_argument("--wire", "--image-format", type=wire, default="uint8",
+                   help="what is sent to the model: uint8, fp32 (tensors), png, jpeg:Q "
+                        "(image files; a local model emulates JPEG) (default: uint8)")
     g.add_argument("--max-requests", type=int, default=None,
                    help="cap on the number of model requests (default: no cap)")
+    add_endpoint_args(p.add_argument_group("endpoint (what its metadata leaves out)"))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -128,17 +132,14 @@ def make_oracle(args: argparse.Namespace, budget: int | None = None) -> Any:
     if args.endpoint and args.model:
         raise ConfigError("expected --model or --endpoint, got both")
     if args.endpoint:
-        from reprogram.http_oracle import HttpOracle
-
-        return HttpOracle(args.endpoint, model=args.endpoint_model,
-                          api_key=args.api_key or os.environ.get("REPROGRAM_API_KEY"),
-                          wire=args.wire, budget=budget, max_requests=args.max_requests)
+        retry = SERVE_RETRY if args.command == "serve" else None
+        return http_oracle(args, budget=budget, retry=retry)
     from reprogram.oracles import LocalOracle
     from reprogram.zoo.registry import load_model
 
     model = load_model(args.model or "default", args.weights)
-    return LocalOracle(model, output=args.output, quantize=args.wire == "uint8", budget=budget,
-                       max_requests=args.max_requests)
+    return LocalOracle(model, output=args.output or "probs", wire=args.wire, budget=budget,
+                       max_requests=args.max_requests, max_classes=args.max_classes)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

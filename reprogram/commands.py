@@ -143,8 +143,10 @@ def cmd_fit(args: argparse.Namespace, oracle: Oracle) -> int:
 
 def _prompt_for(args: argparse.Namespace, oracle: Oracle) -> Prompt:
     prompt = load_prompt(args.prompt)
+    oracle.adopt_vocabulary(prompt.source.get("vocabulary"))
     info = oracle.info
-    check_compatible(prompt, info.input_size, info.num_classes, info.fingerprint)
+    check_compatible(prompt, info.input_size, info.num_classes, info.fingerprint,
+                     allow_unverified=getattr(args, "allow_unverified_model", False))
     return prompt
 
 

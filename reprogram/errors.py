@@ -39,6 +39,31 @@ class OracleError(ReprogramError, RuntimeError):
     """The model oracle failed (network, server error, refused request)."""
 
 
+class UpstreamError(OracleError):
+    """The model server behind an endpoint failed: it answered 5xx, an unreadable body, or
+    nothing. ``status_code`` is what a proxy in front of it answers (502 bad gateway, 503
+    unavailable, 504 timed out); ``public_message`` says so in one line without the upstream's
+    own text (which can hold tracebacks and file paths)."""
+
+    status_code = 502
+
+    def __init__(self, message: str, *, public_message: str | None = None) -> None:
+        super().__init__(message)
+        self.public_message = public_message or "the upstream model server failed"
+
+
+class UpstreamUnavailable(UpstreamError):
+    """Nothing answered at the endpoint, or it answered 503/429 until the retries ran out."""
+
+    status_code = 503
+
+
+class UpstreamTimeout(UpstreamError):
+    """The endpoint did not answer in time."""
+
+    status_code = 504
+
+
 class BudgetExhausted(ReprogramError, RuntimeError):
     """The query budget (images or requests) is spent; the fit stops cleanly."""
 

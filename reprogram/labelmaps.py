@@ -199,16 +199,25 @@ class LabelMap(nn.Module):
         """True only for ``iterative`` (ILM-VP): re-fit under the current program each epoch."""
         return self.spec.kind == "iterative"
 
-    def forward(self, log_scores: Tensor) -> Tensor:
-        """Target logits ``[..., K_t]`` from source log-scores ``[..., K_s]``."""
+    def forward(self, log_scores: Tensor, active: int | None = None) -> Tensor:
+        """Target logits ``[..., K_t]`` from source log-scores ``[..., K_s]``.
+
+        ``active``: only the first ``active`` source classes exist yet (an API answering class
+        names fills its slots as names appear, :mod:`reprogram.vocabulary`). A linear map then
+        reads those alone: the slots never seen neither shift the normalization nor act, all at
+        one constant score, as a bias multiplied by their number; their rows stay at their
+        initial value until a name arrives. Discrete maps read their assigned slots as usual.
+        """
         k_s = self.spec.num_source
         if log_scores.dim() < 1 or log_scores.shape[-1] != k_s:
             raise DataError(
                 f"expected source log-scores [..., {k_s}], got shape {tuple(log_scores.shape)}"
             )
         if self.weight is not None and self.bias is not None:
-            normalized = F.log_softmax(log_scores, dim=-1)
-            return normalized @ self.weight.to(normalized.dtype) + self.bias.to(normalized.dtype)
+            n = k_s if active is None else max(1, min(int(active), k_s))
+            normalized = F.log_softmax(log_scores[..., :n], dim=-1)
+            weight = self.weight[:n]
+            return normalized @ weight.to(normalized.dtype) + self.bias.to(normalized.dtype)
         picked = log_scores[..., self.assignment]  # [..., K_t, m]
         if self.spec.sources_per_target == 1:
             return picked.squeeze(-1)

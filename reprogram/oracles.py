@@ -24,21 +24,30 @@ log = logging.getLogger(__name__)
 
 BaseKind = Literal["probs", "logits", "topk", "label"]
 WireDtype = Literal["uint8", "fp32"]
+DEFAULT_MAX_CLASSES = 1000  # vocabulary slots of a names API (see reprogram.vocabulary)
 
 
 def parse_output_kind(kind: str) -> tuple[BaseKind, int]:
-    """``probs`` | ``logits`` | ``topk:K`` | ``label`` -> (base kind, k)."""
+    """``probs`` | ``logits`` | ``topk:K`` | ``topk-names:K`` | ``label`` -> (base kind, k).
+
+    ``topk-names:K`` is the top K probabilities by class *name*, as label APIs answer: the
+    client learns the names as they appear (:mod:`reprogram.vocabulary`)."""
     if kind in ("probs", "logits", "label"):
         return kind, 0  # type: ignore[return-value]
-    if kind.startswith("topk:"):
+    if kind.startswith(("topk:", "topk-names:")):
         try:
             k = int(kind.split(":", 1)[1])
         except ValueError:
             k = 0
         if k >= 1:
             return "topk", k
-    raise ConfigError(f"expected output kind probs, logits, topk:K (K >= 1) or label, "
-                      f"got {kind!r}")
+    raise ConfigError(f"expected output kind probs, logits, topk:K, topk-names:K (K >= 1) or "
+                      f"label, got {kind!r}")
+
+
+def by_name(kind: str) -> bool:
+    """Whether the output kind reveals class names (``topk-names:K``)."""
+    return kind.startswith("topk-names:")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -49,8 +58,11 @@ class ModelInfo:
     input_size: tuple[int, int]
     class_names: tuple[str, ...]
     output_kind: str = "probs"
-    wire_dtype: WireDtype = "uint8"
+    wire_dtype: str = "uint8"  # uint8 | fp32 | png | jpeg:Q (reprogram.wire)
     fingerprint: dict[str, object] = field(default_factory=dict)
+    # classes that exist so far, the first ones (None: all): a names API's vocabulary fills
+    # its slots as names appear (reprogram.vocabulary)
+    active_classes: int | None = None
 
     @property
     def num_classes(self) -> int:
@@ -154,6 +166,11 @@ class Oracle(ABC):
         self.requests_used += requests
         return scores
 
+    def adopt_vocabulary(self, names: object) -> None:
+        """Give the class names a prompt recorded (``source.vocabulary``) the slots they had
+        when it was fitted; a no-op for oracles whose classes are fixed."""
+        return None
+
     def counts(self) -> dict[str, int]:
         return {"images": self.images_used, "requests": self.requests_used}
 
@@ -166,8 +183,12 @@ class LocalOracle(Oracle):
     """An in-process model as an oracle.
 
     ``quantize`` rounds every queried image to 8 bits as a uint8 wire would (with a
-    straight-through gradient); ``output`` reduces the scores to what an API reveals
-    (``probs``, ``logits``, ``topk:K``, ``label``). Autograd is available for probs and logits.
+    straight-through gradient); ``wire="jpeg:Q"`` sends it through a JPEG encoder and decoder
+    at quality Q as a JPEG API would (also straight-through); ``output`` reduces the scores to
+    what an API reveals (``probs``, ``logits``, ``topk:K``, ``topk-names:K``, ``label``);
+    ``topk-names:K`` hides even the class order: scores land in the slots of a
+    :class:`~reprogram.vocabulary.Vocabulary` of ``max_classes`` as names appear, exactly as
+    ``HttpOracle`` does for a label API. Autograd is available for probs and logits.
     Forward passes take at most ``max_batch`` images, the server's default: on a 2-core CPU a
     fit's batches of 352 (32 images x 11 candidates) took about 200 us per image in chunks of
     256 and 96 against 270 us whole (same outputs, bit for bit).
@@ -179,11 +200,16 @@ class LocalOracle(Oracle):
         *,
         output: str = "probs",
         quantize: bool = True,
+        wire: str | None = None,
         max_batch: int = 256,
+        max_classes: int = DEFAULT_MAX_CLASSES,
         budget: int | None = None,
         max_requests: int | None = None,
         device: str | torch.device = "cpu",
     ) -> None:
+        from reprogram.vocabulary import Vocabulary
+        from reprogram.wire import parse_wire
+
         super().__init__(budget=budget, max_requests=max_requests)
         self._device = torch.device(device)
         parse_output_kind(output)
@@ -191,38 +217,81 @@ class LocalOracle(Oracle):
             raise ConfigError(f"expected max_batch >= 1, got {max_batch}")
         self.model = SourceModel(model.module.to(self._device), model.meta,
                                  model.differentiable)
-        self.quantize = quantize
+        self.wire = parse_wire(wire or ("uint8" if quantize else "fp32"))
+        if self.wire.kind == "png":
+            self.wire = parse_wire("uint8")  # lossless: the same pixels
+        self.quantize = self.wire.kind != "fp32"
         self.max_batch = min(max_batch, model.meta.max_batch or max_batch)  # the model's cap
-        self._info = ModelInfo(
-            name=model.meta.name,
-            input_size=model.meta.input_size,
-            class_names=model.meta.class_names,
-            output_kind=output,
-            wire_dtype="uint8" if quantize else "fp32",
-            fingerprint=model.meta.fingerprint(),
-        )
+        self.vocabulary = Vocabulary(max_classes) if by_name(output) else None
+        self._slot_of = torch.full((model.meta.num_classes,), -1, dtype=torch.long)
+        self._output = output
+        self._fingerprint = model.meta.fingerprint()
+        self._cached: tuple[int, ModelInfo] | None = None
 
     @property
     def info(self) -> ModelInfo:
-        return self._info
+        seen = len(self.vocabulary.names) if self.vocabulary is not None else 0
+        if self._cached is None or self._cached[0] != seen:
+            meta = self.model.meta
+            names = (self.vocabulary.slot_names() if self.vocabulary is not None
+                     else meta.class_names)
+            fingerprint = dict(self._fingerprint)
+            if self.vocabulary is not None:
+                fingerprint.update(num_classes=len(names),
+                                   vocabulary=list(self.vocabulary.names))
+            self._cached = (seen, ModelInfo(
+                name=meta.name, input_size=meta.input_size, class_names=names,
+                output_kind=self._output, wire_dtype=str(self.wire), fingerprint=fingerprint,
+                active_classes=seen if self.vocabulary is not None else None))
+        return self._cached[1]
 
     @property
     def differentiable(self) -> bool:
-        """Scores with autograd: a torch model (not ONNX) revealing probs or logits."""
-        return self.model.differentiable and self._info.base_kind in ("probs", "logits")
+        """Scores with autograd: a torch model (not ONNX) revealing probs or logits, by
+        class index (not by name)."""
+        return (self.model.differentiable and self.vocabulary is None
+                and self.info.base_kind in ("probs", "logits"))
 
     @property
     def device(self) -> torch.device:
         return self._device
 
+    def adopt_vocabulary(self, names: object) -> None:
+        """Give a prompt's recorded class names their slots (``topk-names:K`` only)."""
+        if self.vocabulary is not None and isinstance(names, list | tuple) and names:
+            self.vocabulary.adopt(str(n) for n in names)
+
+    def _named(self, logits: torch.Tensor) -> torch.Tensor:
+        """Top-k probabilities in vocabulary slots, slots given as the names first appear."""
+        assert self.vocabulary is not None
+        probs = F.softmax(logits, dim=-1)
+        top = probs.topk(min(parse_output_kind(self._output)[1], probs.shape[-1]), dim=-1)
+        names = self.model.meta.class_names
+        for c in torch.unique(top.indices).tolist():
+            if self._slot_of[c] < 0:
+                slot = self.vocabulary.slot(names[c])
+                self._slot_of[c] = -2 if slot is None else slot
+        slots = self._slot_of.to(probs.device)[top.indices]
+        keep = slots >= 0
+        out = probs.new_zeros(probs.shape[0], self.vocabulary.capacity)
+        rows = torch.arange(probs.shape[0], device=probs.device)[:, None].expand_as(slots)
+        out[rows[keep], slots[keep]] = top.values[keep]
+        return out.detach()
+
     def _query(self, x: torch.Tensor) -> tuple[torch.Tensor, int]:
         x = x.to(self._device)
         if self.quantize:
             x = quantize_uint8(x)
+        if self.wire.kind == "jpeg":
+            from reprogram.wire import jpeg_roundtrip
+
+            x = x + (jpeg_roundtrip(x, self.wire.quality) - x).detach()
         chunks = [self.model.module(x[i : i + self.max_batch])
                   for i in range(0, x.shape[0], self.max_batch)]
         logits = torch.cat(chunks)
-        return reduce_scores(logits, self._info.output_kind), 1
+        if self.vocabulary is not None:
+            return self._named(logits), 1
+        return reduce_scores(logits, self._output), 1
 
 
 class OracleWrapper(Oracle):

@@ -40,7 +40,7 @@ class Reprogrammer(nn.Module):
         scores = oracle.query(frames.flatten(0, 1))
         kind: ScoreKind = oracle.info.base_kind
         log_scores = to_log_scores(scores, kind, self.floor).view(p, n, -1)
-        return self.labelmap(log_scores)
+        return self.labelmap(log_scores, oracle.info.active_classes)
 
     def objective(self, x_t: Tensor, labels: Tensor, oracle: Oracle) -> Objective:
         """Mean cross-entropy per candidate, ``thetas [P,...] -> losses [P]``."""
@@ -69,7 +69,8 @@ class Reprogrammer(nn.Module):
     def predict_logits(self, images: Tensor, oracle: Oracle, batch_size: int = 256) -> Tensor:
         """Target logits ``[N, K_t]`` of raw target images (uint8 or [0,1])."""
         scores = self.source_scores(images, oracle, batch_size)
-        return self.labelmap(to_log_scores(scores, oracle.info.base_kind, self.floor))
+        return self.labelmap(to_log_scores(scores, oracle.info.base_kind, self.floor),
+                             oracle.info.active_classes)
 
     @torch.no_grad()
     def predict_proba(self, images: Tensor, oracle: Oracle, batch_size: int = 256) -> Tensor:

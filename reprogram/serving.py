@@ -6,7 +6,10 @@ program is applied here and the black-box API is queried, so a prompt learned ag
 third-party API is served from the user's side), with ``--model NAME`` a ``LocalOracle``.
 Every ``--prompt`` file is validated against that model and served under its content id at
 ``/v1/prompts/{id}/predict`` and ``/v2/models/{id}/infer``; the source model is proxied at
-``/v2/models/{name}``. Example::
+``/v2/models/{name}``. When the endpoint fails, clients get 502 (it answered an error or
+garbage), 503 (unreachable or unavailable) or 504 (no answer in time) with a one-line error of
+ours, never the endpoint's own body; retries in front of an endpoint end within seconds
+(:data:`~reprogram.http_transport.SERVE_RETRY`). Example::
 
     reprogram serve --prompt digits.safetensors --endpoint http://127.0.0.1:8000 --port 8080
 """
@@ -57,7 +60,8 @@ def cmd_serve(args: argparse.Namespace, oracle: Oracle) -> int:
     if not args.prompt and not args.prompts_dir:
         raise ConfigError("expected at least one --prompt FILE (or a --prompts-dir to upload"
                           " to)")
-    settings = Settings(served_name=args.name, output=OutputKind.parse(oracle.info.output_kind),
+    kind = oracle.info.output_kind.replace("topk-names:", "topk:")  # served as top-k scores
+    settings = Settings(served_name=args.name, output=OutputKind.parse(kind),
                         max_images_per_request=args.max_images, prompts_dir=args.prompts_dir,
                         host=args.host, port=args.port, log_level=args.log_level,
                         api_keys=load_api_keys(args.api_keys_file))
@@ -65,6 +69,7 @@ def cmd_serve(args: argparse.Namespace, oracle: Oracle) -> int:
     if args.log_level != "debug":  # httpx logs every proxied request at INFO
         logging.getLogger("httpx").setLevel(logging.WARNING)
     app = create_app(settings, oracle=oracle)
+    app.state.prompts.allow_unverified = args.allow_unverified_model
     for path in args.prompt:
         servable = app.state.prompts.add_file(path)
         log.info("serving prompt %s as %s (classes %s)", path, servable.prompt_id,

@@ -3,7 +3,11 @@
 #   - the project and its `test` extra into the active Python environment;
 #   - the Debian packages listed in scripts/apt-packages.txt (apt-get, as root or with sudo);
 #   - one virtual environment per file scripts/venvs/NAME.txt, at .venvs/NAME, for third-party
-#     servers whose pins clash with ours (created once; rebuilt when the file changes).
+#     servers whose pins clash with ours (created once; rebuilt when the file or the project's
+#     environment changes). The project's environment is visible inside each one: a .pth file
+#     appends its site-packages to the venv's path, after the venv's own packages, so pip
+#     installs into the venv only what the project lacks or pins differently (the venv's
+#     versions win), and torch is not installed twice.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python -m pip install --quiet --disable-pip-version-check -e '.[test]'
@@ -20,17 +24,20 @@ if ((${#missing[@]})); then
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
+project_site=$(python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 for req in scripts/venvs/*.txt; do
   [ -e "$req" ] || continue
   name=$(basename "$req" .txt)
   venv=".venvs/$name"
   stamp="$venv/.requirements.sha256"
-  sum=$(sha256sum "$req" | cut -d' ' -f1)
+  sum=$( (cat "$req"; echo "$project_site") | sha256sum | cut -d' ' -f1)
   if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$sum" ]; then
     echo "setup: virtual environment $venv from $req" >&2
     rm -rf "$venv"
     python3 -m venv "$venv"
     "$venv/bin/python" -m pip install --quiet --disable-pip-version-check --upgrade pip
+    site=$("$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+    echo "$project_site" > "$site/zz-project-env.pth"
     "$venv/bin/python" -m pip install --quiet --disable-pip-version-check -r "$req"
     echo "$sum" > "$stamp"
   fi

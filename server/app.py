@@ -123,7 +123,10 @@ def install_error_handlers(app: FastAPI) -> None:
         status = _status_of(exc)
         logger.info("%s %s -> %d: %s", request.method, request.url.path, status, exc)
         headers = getattr(exc, "headers", None)
-        return error_response(status, str(exc), headers if isinstance(headers, dict) else None)
+        # an upstream's failure is told in our words: its own text can hold its tracebacks
+        public = getattr(exc, "public_message", None)
+        message = str(public) if isinstance(public, str) else str(exc)
+        return error_response(status, message, headers if isinstance(headers, dict) else None)
 
     async def on_http(request: Request, exc: Exception) -> JSONResponse:
         if not isinstance(exc, StarletteHTTPException):

@@ -116,6 +116,9 @@ class PromptStore:
         self._prompts: dict[str, PromptServable] = {}
         self._paths: dict[str, Path] = {}  # id -> its file, for prompts stored on disk
         self._lock = threading.RLock()
+        # serve prompts whose model identity cannot be checked against this one
+        # (`reprogram serve --allow-unverified-model`)
+        self.allow_unverified = False
 
     def attach(self, shared: SharedOracle) -> None:
         """Use ``shared`` for every prompt from now on (call once the model is loaded)."""
@@ -135,7 +138,10 @@ class PromptStore:
         shared = self._oracle()
         info = shared.oracle.info
         try:
-            check_compatible(prompt, info.input_size, info.num_classes, info.fingerprint)
+            shared.oracle.adopt_vocabulary(prompt.source.get("vocabulary"))
+            info = shared.oracle.info
+            check_compatible(prompt, info.input_size, info.num_classes, info.fingerprint,
+                             allow_unverified=self.allow_unverified)
         except ArtifactError as exc:
             raise IncompatiblePrompt(f"{label} does not fit the served model {info.name!r}:"
                                      f" {exc}") from None

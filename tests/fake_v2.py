@@ -121,6 +121,8 @@ class FakeV2:
         if self.upstream is not None:
             return self.forward(seen)
         name = self.runner.name
+        if seen.method == "GET" and seen.path == "/v2":  # as our server: binary tensors
+            return json_reply({"name": "fake", "extensions": ["binary_tensor_data"]})
         if self.listing == "v1" and seen.method == "GET" and seen.path == "/v1/models":
             return json_reply({"models": [name]})
         if (self.listing == "v2" and seen.method == "POST"

@@ -170,7 +170,7 @@ def test_minimal_metadata_and_overrides() -> None:
     with FakeV2(metadata=meta) as fake:
         with HttpOracle(fake.url) as oracle:
             assert oracle.info.input_size == (32, 32)
-            assert oracle.info.class_names == tuple(str(i) for i in range(10))
+            assert oracle.info.class_names == tuple(f"class_{i}" for i in range(10))
             assert oracle.info.output_kind == "probs"
             assert oracle.max_batch == 256
             assert oracle.info.fingerprint["weights_sha256"] is None
