@@ -89,7 +89,12 @@ def job_config(job: dict[str, Any]) -> FitConfig:
 
 
 def job_oracle(job: dict[str, Any]) -> str:
-    return f"HTTP {job['endpoint']}" if job["endpoint"] else str(job["device"])
+    """The oracle of a job: the endpoint, or the local model's device and (if not uint8) the
+    emulated wire."""
+    if job["endpoint"]:
+        return f"HTTP {job['endpoint']}"
+    wire = job.get("wire", "uint8")
+    return str(job["device"]) + ("" if wire == "uint8" else f" {wire}")
 
 
 def job_key(method: str, budget: int, seed: int, data: str, output: str, oracle: str,
@@ -118,7 +123,7 @@ def precheck(methods: Sequence[tuple[str, dict[str, Any]]], budget: int, seed: i
     for name, fields in methods:
         try:
             cfg = FitConfig(**fields, budget=budget, seed=seed)
-            Fitter(cfg, LocalOracle(model, quantize=True, output=output), data)
+            Fitter(cfg, LocalOracle(model, output=output), data)
         except (ConfigError, EstimatorError, TypeError) as exc:
             raise SystemExit(f"method {name!r}: {exc}") from None
 
@@ -133,7 +138,7 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
 
         oracle = HttpOracle(job["endpoint"])
     else:
-        oracle = LocalOracle(load_model(), quantize=True, output=job["output"],
+        oracle = LocalOracle(load_model(), output=job["output"], wire=job.get("wire", "uint8"),
                              device=job["device"])
     data = load_dataset(job["data"], seed=0)
     t0 = time.perf_counter()
@@ -251,7 +256,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--budgets", type=int, nargs="+", default=None)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--data", default="digits")
-    p.add_argument("--output", default="probs", help="what the oracle reveals")
+    p.add_argument("--output", default="probs",
+                   help="what the oracle reveals: probs, logits, topk:K, topk-names:K, label")
+    p.add_argument("--wire", default="uint8",
+                   help="what the local model receives: uint8, or jpeg:Q as a JPEG API would")
     p.add_argument("--endpoint", default=None, help="run over HTTP against this V2 server")
     p.add_argument("--device", default="cpu")
     p.add_argument("--jobs", type=int, default=1, help="fits run in parallel processes")
@@ -276,8 +284,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         methods = [(n, f) for n, f in methods if f.get("estimator") != "autograd"]
     threads = args.threads or max(1, (os.cpu_count() or 1) // max(args.jobs, 1))
     jobs = [{"method": name, "fields": fields, "budget": b, "seed": s, "data": args.data,
-             "output": args.output, "endpoint": args.endpoint, "device": args.device,
-             "threads": threads}
+             "output": args.output, "wire": args.wire, "endpoint": args.endpoint,
+             "device": args.device, "threads": threads}
             for name, fields in methods for b in budgets for s in seeds]
     if not args.endpoint:  # every configuration is checked before any fit runs
         precheck(methods, min(budgets), seeds[0], args.data, args.output)
@@ -335,7 +343,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     summary = summarize(rows)
     # resumed rows may come from another machine: name every oracle that made the table
     where = ", ".join(sorted({r["oracle"] if r["oracle"].startswith("HTTP ")
-                              else f"local uint8 oracle ({r['oracle']})" for r in rows}))
+                              else f"local oracle ({r['oracle']})" for r in rows}))
     record = {"data": args.data, "output": args.output, "oracle": where, "seeds": seeds,
               "budgets": list(budgets), "rows": rows, "summary": summary,
               "seconds": round(time.perf_counter() - t0, 1),  # this run's wall time

@@ -65,7 +65,8 @@ class OracleServable:
         self._shared = shared
         info = shared.oracle.info
         self._name = name or info.name
-        self._output = OutputKind.parse(info.output_kind)
+        # a names API's top-k by name is served as top-k scores over its vocabulary's slots
+        self._output = OutputKind.parse(info.output_kind.replace("topk-names:", "topk:"))
         self._max_images = max_images
 
     @property
