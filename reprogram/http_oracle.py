@@ -285,11 +285,15 @@ class HttpOracle(Oracle):
             raise BudgetExhausted(f"request cap {self.max_requests} would be exceeded: "
                                   f"{self.requests_used} used, {len(chunks)} more needed")
         if self._pool is not None and len(chunks) > 1:
-            outs = list(self._pool.map(self.dialect.infer, chunks))
+            outs = list(self._pool.map(self._infer_chunk, chunks))
         else:
-            outs = [self.dialect.infer(c) for c in chunks]
+            outs = [self._infer_chunk(c) for c in chunks]
         scores = torch.cat([self._scores(o, len(c)) for o, c in zip(outs, chunks, strict=True)])
         return scores.to(x.device), len(chunks)
+
+    def _infer_chunk(self, images: np.ndarray) -> Answer:
+        """One request for one chunk of at most ``max_batch`` images."""
+        return self.dialect.infer(images)
 
     def close(self) -> None:
         if self._pool is not None:
