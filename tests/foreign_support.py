@@ -123,6 +123,7 @@ def torchserve_server() -> Iterator[str]:
             f"inference_address=http://127.0.0.1:{port}\n"
             f"management_address=http://127.0.0.1:{management}\n"
             f"metrics_address=http://127.0.0.1:{metrics}\n"
+            f"grpc_inference_port={free_port()}\ngrpc_management_port={free_port()}\n"
             "default_workers_per_model=1\ndisable_token_authorization=true\n"
             "install_py_dep_per_model=false\n")
         env = _env()
