@@ -66,6 +66,24 @@ def server_process(args: Sequence[str] = (), env: Mapping[str, str] | None = Non
                    timeout: float = READY_TIMEOUT_S) -> Iterator[str]:
     """Run ``reprogram-server --host 127.0.0.1 --port FREE *args``; yield its base URL and
     always terminate it."""
+    with server_and_process(args, env, timeout) as (base, _):
+        yield base
+
+
+def peak_rss_mib(pid: int) -> float:
+    """Peak resident memory (``VmHWM``) of process ``pid`` so far, in MiB (Linux /proc)."""
+    with open(f"/proc/{pid}/status", encoding="ascii") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no VmHWM in /proc/{pid}/status")
+
+
+@contextmanager
+def server_and_process(args: Sequence[str] = (), env: Mapping[str, str] | None = None,
+                       timeout: float = READY_TIMEOUT_S
+                       ) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """:func:`server_process` that also yields the process (for its memory)."""
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     cmd = [sys.executable, "-m", "server.main", "--host", "127.0.0.1", "--port", str(port),
@@ -75,6 +93,6 @@ def server_process(args: Sequence[str] = (), env: Mapping[str, str] | None = Non
                                 env=dict(env) if env is not None else None)
         try:
             wait_ready(base, proc, log, timeout)
-            yield base
+            yield base, proc
         finally:
             stop_process(proc)

@@ -1,10 +1,13 @@
 """Prompt artifacts: one ``.safetensors`` file with the program and label-map tensors and JSON
 metadata in its header.
 
-Loading never unpickles: the header is parsed as JSON and the tensors by ``safetensors``. A
-digest over the canonical metadata and every tensor's bytes is stored in the header and
-checked on load, so a truncated, edited or tampered file is rejected with a clear message;
-the program and label map are rebuilt from their specs and must accept the tensors exactly.
+Loading never unpickles: the header is parsed as JSON (bounded in size and depth) and the
+tensors by ``safetensors``. A digest over the canonical metadata and every tensor's bytes is
+stored in the header and checked on load, so a truncated, edited or tampered file is rejected
+with a clear message. Since a forger can recompute the digest, everything the file declares
+is checked before any tensor is built (see :mod:`reprogram.artifact_check`): the geometry,
+the class counts, the tensors' names, dtypes and shapes, and then their values (finite); the
+program and label map are rebuilt from their specs and must accept the tensors exactly.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +25,15 @@ from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from reprogram.artifact_check import (
+    FORMAT_NAME,
+    META_KEY,
+    SCHEMA_VERSION,
+    PromptHeader,
+    check_finite,
+    check_tensors,
+    read_header,
+)
 from reprogram.errors import ArtifactError, ConfigError, DataError
 from reprogram.fsutil import write_atomic
 from reprogram.labelmaps import LabelMapSpec, build_labelmap
@@ -30,12 +42,7 @@ from reprogram.programs import ProgramSpec, build_program
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
-FORMAT_NAME = "reprogram.prompt"
 MAX_ARTIFACT_BYTES = 64 * 1024 * 1024
-_META_KEY = "reprogram"
-_REQUIRED = ("format", "schema_version", "program", "labelmap", "target_classes", "source",
-             "digest")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -121,7 +128,7 @@ def dump_prompt(prompt: Prompt) -> bytes:
     meta = prompt.metadata()
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in prompt.tensors.items()}
     meta["digest"] = _digest(meta, tensors)
-    return st_save(tensors, metadata={_META_KEY: json.dumps(meta, sort_keys=True)})
+    return st_save(tensors, metadata={META_KEY: json.dumps(meta, sort_keys=True)})
 
 
 def save_prompt(prompt: Prompt, path: str | Path) -> Path:
@@ -129,59 +136,41 @@ def save_prompt(prompt: Prompt, path: str | Path) -> Path:
     return write_atomic(Path(path), dump_prompt(prompt))
 
 
-def _header(data: bytes) -> dict[str, Any]:
-    if len(data) < 8:
-        raise ArtifactError(f"expected a safetensors prompt file, got {len(data)} bytes")
-    (n,) = struct.unpack("<Q", data[:8])
-    if n > len(data) - 8 or n > 16 * 1024 * 1024:
-        raise ArtifactError("expected a safetensors prompt file, got a truncated or foreign "
-                            f"file (header of {n} bytes in a {len(data)}-byte file)")
-    try:
-        header = json.loads(data[8 : 8 + n])
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ArtifactError(f"expected a JSON safetensors header, got unreadable bytes: {exc}"
-                            ) from exc
-    if not isinstance(header, dict):
-        raise ArtifactError("expected a JSON object as the safetensors header")
-    return header
+def loads_prompt(data: bytes,
+                 check: Callable[[PromptHeader], None] | None = None) -> Prompt:
+    """Parse and validate prompt bytes; raises :class:`ArtifactError` on any problem.
 
-
-def loads_prompt(data: bytes) -> Prompt:
-    """Parse and validate prompt bytes; raises :class:`ArtifactError` on any problem."""
+    The header and metadata are checked first, without building a tensor
+    (:mod:`reprogram.artifact_check`); ``check`` (e.g. :func:`check_compatible` against a
+    served model) runs on them next. Then the tensors are loaded (no more than the file
+    holds), the digest is verified, the declared tensors are compared with those the specs
+    build (on the ``meta`` device, allocating nothing), the values are checked for NaN and
+    Inf, and only then are program and label map built.
+    """
     if len(data) > MAX_ARTIFACT_BYTES:
         raise ArtifactError(f"expected a prompt file of at most {MAX_ARTIFACT_BYTES} bytes, "
                             f"got {len(data)}")
-    header = _header(data)
-    extra = header.get("__metadata__")
-    raw = extra.get(_META_KEY) if isinstance(extra, dict) else None
-    if not isinstance(raw, str):
-        raise ArtifactError("expected a reprogram prompt (no 'reprogram' metadata in the "
-                            "safetensors header); was it written by `reprogram fit`?")
+    header = read_header(data)
+    if check is not None:
+        check(header)
     try:
-        meta = json.loads(raw)
-        tensors = st_load(data)
-    except (json.JSONDecodeError, SafetensorError) as exc:
+        tensors = st_load(data)  # at most the file's size, already bounded
+    except SafetensorError as exc:
         raise ArtifactError(f"prompt file is corrupt or truncated: {exc}") from exc
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
-        raise ArtifactError(f"expected format {FORMAT_NAME!r}, got "
-                            f"{meta.get('format') if isinstance(meta, dict) else meta!r}")
-    if meta.get("schema_version") != SCHEMA_VERSION:
-        raise ArtifactError(f"expected prompt schema version {SCHEMA_VERSION}, got "
-                            f"{meta.get('schema_version')!r}; re-export it with this version")
-    missing = [k for k in _REQUIRED if k not in meta]
-    if missing:
-        raise ArtifactError(f"prompt metadata lacks {missing}")
+    meta = dict(header.meta)
     digest = meta.pop("digest")
     if _digest(meta, tensors) != digest:
         raise ArtifactError("prompt digest mismatch: the file was edited or corrupted after "
                             "it was written")
+    check_tensors(header)
+    check_finite(tensors)
     try:
         prompt = Prompt(
-            program=ProgramSpec.from_dict(meta["program"]),
-            labelmap=LabelMapSpec.from_dict(meta["labelmap"]),
+            program=header.program,
+            labelmap=header.labelmap,
             tensors=tensors,
-            target_classes=tuple(str(c) for c in meta["target_classes"]),
-            source=dict(meta["source"]),
+            target_classes=header.target_classes,
+            source=header.source,
             wire_dtype=str(meta.get("wire_dtype", "uint8")),
             output_kind=str(meta.get("output_kind", "probs")),
             floor=float(meta.get("floor", 1e-6)),
@@ -192,9 +181,6 @@ def loads_prompt(data: bytes) -> Prompt:
         )
     except (ConfigError, TypeError, ValueError) as exc:
         raise ArtifactError(f"prompt metadata is invalid: {exc}") from exc
-    if len(prompt.target_classes) != prompt.labelmap.num_target:
-        raise ArtifactError(f"expected {prompt.labelmap.num_target} target class names, got "
-                            f"{len(prompt.target_classes)}")
     prompt.build()  # tensors must fit the specs exactly
     return prompt
 
@@ -221,10 +207,11 @@ def identity_mismatch(recorded: dict[str, Any], current: dict[str, Any]) -> list
             and recorded[key] != current[key]]
 
 
-def check_compatible(prompt: Prompt, input_size: tuple[int, int], num_classes: int,
-                     fingerprint: dict[str, Any] | None = None, *,
+def check_compatible(prompt: Prompt | PromptHeader, input_size: tuple[int, int],
+                     num_classes: int, fingerprint: dict[str, Any] | None = None, *,
                      allow_unverified: bool = False) -> None:
-    """Raise :class:`ArtifactError` unless the prompt was made for a model of this shape and,
+    """Raise :class:`ArtifactError` unless the prompt (or a prompt file's header, before any
+    tensor is built) was made for a model of this shape and,
     as far as the model's fingerprint tells, this model.
 
     With weights SHA-256 on both sides they must agree. Without (an endpoint whose metadata

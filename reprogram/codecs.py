@@ -2,8 +2,10 @@
 raw little-endian bytes of the binary tensor extension.
 
 ``data`` travels flattened in row-major order (nested lists are accepted too); ``BYTES``
-elements travel as a 4-byte little-endian length followed by the bytes. Every malformed tensor
-raises :class:`~reprogram.errors.ProtocolError` with an "expected X, got Y" message.
+elements travel as a 4-byte little-endian length followed by the bytes. Every shape passes
+:func:`reprogram.strict.check_shape` before any array is made (a zero dimension gives an empty
+tensor). Every malformed tensor raises :class:`~reprogram.errors.ProtocolError` with an
+"expected X, got Y" message.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from reprogram.errors import ProtocolError
+from reprogram.strict import check_shape
 
 DATATYPES: dict[str, np.dtype[Any]] = {
     "BOOL": np.dtype(np.bool_),
@@ -33,6 +36,9 @@ DATATYPES: dict[str, np.dtype[Any]] = {
     "BYTES": np.dtype(np.object_),
 }
 """V2 datatype name -> numpy dtype (little-endian on the wire; ``BYTES`` is an object array)."""
+
+_END = object()
+
 
 def datatype_of(array: np.ndarray) -> str:
     """The V2 datatype name of a numpy array (object/str/bytes arrays are ``BYTES``)."""
@@ -66,17 +72,24 @@ def as_numpy(x: Any) -> np.ndarray:
     return np.asarray(x)
 
 
-def element_count(shape: Sequence[int]) -> int:
-    """Number of elements of a tensor of ``shape``."""
-    return math.prod(shape)
+def element_count(shape: Sequence[int], name: str = "tensor") -> int:
+    """Number of elements of a tensor of ``shape`` (validated by
+    :func:`~reprogram.strict.check_shape`)."""
+    return math.prod(check_shape(shape, repr(name)))
 
 
 def _flatten(data: Any, out: list[Any]) -> None:
-    if isinstance(data, list):
-        for item in data:
-            _flatten(item, out)
-    else:
-        out.append(data)
+    """Append the leaves of nested lists to ``out`` in row-major order (no recursion: a
+    hostile nesting depth cannot exhaust the stack)."""
+    stack = [iter([data])]
+    while stack:
+        item = next(stack[-1], _END)
+        if item is _END:
+            stack.pop()
+        elif isinstance(item, list):
+            stack.append(iter(item))
+        else:
+            out.append(item)
 
 
 def _bytes_from_json(data: Any, name: str) -> np.ndarray:
@@ -100,6 +113,7 @@ def from_json_data(data: Any, shape: Sequence[int], datatype: str, name: str) ->
     ``BYTES``) and that integers fit the datatype's range.
     """
     dtype = numpy_dtype(datatype)
+    want = element_count(shape, name)
     if not isinstance(data, list):
         raise ProtocolError(f"expected a list in 'data' of {name!r}, got {type(data).__name__}")
     if datatype == "BYTES":
@@ -115,7 +129,6 @@ def from_json_data(data: Any, shape: Sequence[int], datatype: str, name: str) ->
         if dtype.kind in "iu" and flat.dtype.kind in "fO":
             flat = _python_ints(data, datatype, dtype, name)  # e.g. UINT64 beyond int64
         flat = _cast_json_numbers(flat, datatype, dtype, name)
-    want = element_count(shape)
     if flat.size != want:
         raise ProtocolError(
             f"expected {want} elements in 'data' of {name!r} (shape {list(shape)}),"
@@ -243,7 +256,7 @@ def to_raw(array: np.ndarray, datatype: str) -> bytes:
 
 def from_raw(raw: bytes | memoryview, shape: Sequence[int], datatype: str, name: str) -> np.ndarray:
     """Decode binary-extension bytes of one tensor into a (writable) array of ``shape``."""
-    want = element_count(shape)
+    want = element_count(shape, name)
     if datatype == "BYTES":
         flat = deserialize_bytes_tensor(raw, name)
         if flat.size != want:

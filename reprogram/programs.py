@@ -96,7 +96,7 @@ class InputTransform:
         if x.dim() != 4 or x.shape[1] not in (1, 3):
             raise DataError(f"expected images [N, 1 or 3, h, w], got shape {tuple(x.shape)}")
         if x.dtype == torch.uint8:
-            x = x.to(torch.float32) / 255.0
+            x = x.to(torch.float32).div_(255.0)  # in place: one full-size float copy, not two
         elif x.is_floating_point():
             if x.numel() and (bool(x.min() < 0) or bool(x.max() > 1)):
                 raise DataError(

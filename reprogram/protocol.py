@@ -33,6 +33,7 @@ from reprogram.codecs import (
     to_raw,
 )
 from reprogram.errors import ProtocolError
+from reprogram.strict import parse_count
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 """HTTP header carrying the byte length of the JSON part of a binary-extension body."""
@@ -172,20 +173,18 @@ def validation_summary(exc: ValidationError) -> str:
 
 
 def parse_header_length(headers: Mapping[str, str] | None, body_size: int) -> int | None:
-    """Read ``Inference-Header-Content-Length`` (case-insensitive); ``None`` when absent."""
+    """Read ``Inference-Header-Content-Length`` (case-insensitive, ASCII digits only, between 1
+    and ``body_size``); ``None`` when absent."""
     if not headers:
         return None
     wanted = HEADER_LENGTH.lower()
     value = next((v for k, v in headers.items() if k.lower() == wanted), None)
     if value is None:
         return None
-    text = value.strip()
-    if not text.isdigit() or not 0 < int(text) <= body_size:
-        raise ProtocolError(
-            f"expected {HEADER_LENGTH} to be an integer between 1 and the body size"
-            f" {body_size}, got {value!r}"
-        )
-    return int(text)
+    if body_size < 1:
+        raise ProtocolError(f"expected a body after the {HEADER_LENGTH} header, got none")
+    return parse_count(value, f"{HEADER_LENGTH} (the JSON header's byte count, at most the"
+                       f" body size)", minimum=1, maximum=body_size)
 
 
 def _split_body(body: bytes, header_length: int | None, what: str) -> tuple[Any, memoryview]:

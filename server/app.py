@@ -13,6 +13,7 @@ as JSON ``{"error": "..."}`` with a 4xx status for bad input (413 for bodies ove
 
 Middlewares, outermost first: :class:`~server.observability.ObservabilityMiddleware` (metrics,
 access log), :class:`~server.gate.GateMiddleware` (API keys: 401 before any body is read),
+:class:`~server.budget.TimeBudgetMiddleware` (body-read timeout, request deadline),
 :class:`BodyLimitMiddleware`. ``app.state`` also holds the usage ``ledger`` (rate limits and
 quotas), the ``metrics`` and ``draining`` (set on SIGTERM: readiness turns false).
 """
@@ -26,18 +27,21 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from reprogram.errors import ConfigError, ReprogramError
+from reprogram.errors import ConfigError, ProtocolError, ReprogramError
 from reprogram.oracles import LocalOracle, Oracle
 from reprogram.zoo.loaders import load_repository, repository_names, source_name
 from reprogram.zoo.registry import SourceModel, load_model
 from server import routes_ops, routes_prompts, routes_v1, routes_v2
+from server.budget import TimeBudgetMiddleware
 from server.gate import GateMiddleware, KeyRing
 from server.hosted import OracleServable, SharedOracle
 from server.inference import ModelRunner, Registry, TooLarge
+from server.limits import content_length
 from server.observability import Metrics, ObservabilityMiddleware
 from server.openapi import install_openapi
 from server.prompt_store import PromptStore
@@ -45,6 +49,8 @@ from server.quota import Ledger
 from server.settings import Settings
 
 logger = logging.getLogger(__name__)
+
+CLIENT_CLOSED = 499
 
 
 def error_response(
@@ -70,22 +76,21 @@ class BodyLimitMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        declared = dict(scope.get("headers") or []).get(b"content-length")
-        if declared is not None:
-            text = declared.decode("latin-1").strip()
-            if not text.isdigit():
-                response = error_response(400, f"expected an integer Content-Length, got {text!r}")
-                await response(scope, receive, send)
-                return
-            if int(text) > self.max_bytes:
-                response = error_response(
-                    413,
-                    f"expected a body of at most {self.max_bytes} bytes, got Content-Length"
-                    f" {text}; send fewer images per request",
-                    headers={"Connection": "close"},
-                )
-                await response(scope, receive, send)
-                return
+        try:
+            declared = content_length(scope)
+        except ProtocolError as exc:
+            await error_response(400, str(exc), headers={"Connection": "close"})(
+                scope, receive, send)
+            return
+        if declared is not None and declared > self.max_bytes:
+            response = error_response(
+                413,
+                f"expected a body of at most {self.max_bytes} bytes (--max-body-bytes), got"
+                f" Content-Length {declared}; send fewer images per request",
+                headers={"Connection": "close"},
+            )
+            await response(scope, receive, send)
+            return
         received = 0
 
         async def limited_receive() -> Message:
@@ -95,8 +100,8 @@ class BodyLimitMiddleware:
                 received += len(message.get("body", b""))
                 if received > self.max_bytes:
                     raise TooLarge(
-                        f"expected a body of at most {self.max_bytes} bytes, got more;"
-                        " send fewer images per request"
+                        f"expected a body of at most {self.max_bytes} bytes (--max-body-bytes),"
+                        " got more; send fewer images per request"
                     )
             return message
 
@@ -109,7 +114,8 @@ def _status_of(exc: ReprogramError) -> int:
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    """Map every exception to ``{"error": ...}``: 4xx for bad input, 500 otherwise."""
+    """Map every exception to ``{"error": ...}``: 4xx for bad input, 500 otherwise; a client
+    that disconnects mid-body is logged as 499, without a traceback."""
 
     async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
         logger.error(
@@ -133,6 +139,13 @@ def install_error_handlers(app: FastAPI) -> None:
             return await on_unexpected(request, exc)
         return error_response(exc.status_code, str(exc.detail), headers=exc.headers)
 
+    async def on_disconnect(request: Request, exc: Exception) -> Response:
+        # the client went away mid-body: nobody reads an answer; 499 (nginx's "client closed
+        # request") reaches the access log and metrics, and no traceback is written
+        logger.info("%s %s -> %d: client disconnected before sending the whole body",
+                    request.method, request.url.path, CLIENT_CLOSED)
+        return Response(status_code=CLIENT_CLOSED)
+
     async def on_validation(request: Request, exc: Exception) -> JSONResponse:
         if isinstance(exc, RequestValidationError):
             parts = [
@@ -144,6 +157,7 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(ReprogramError, on_reprogram)
     app.add_exception_handler(StarletteHTTPException, on_http)
     app.add_exception_handler(RequestValidationError, on_validation)
+    app.add_exception_handler(ClientDisconnect, on_disconnect)
     app.add_exception_handler(Exception, on_unexpected)
 
 
@@ -286,6 +300,8 @@ def create_app(settings: Settings | None = None, model: SourceModel | None = Non
                               quota_images=settings.quota_images)
     keyring = KeyRing(settings.api_keys)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(TimeBudgetMiddleware, body_timeout=settings.body_timeout,
+                       request_timeout=settings.request_timeout)
     app.add_middleware(GateMiddleware, keyring=keyring, unauthorized=unauthorized)
     app.add_middleware(ObservabilityMiddleware, metrics=metrics, fastapi_app=app,
                        access_log=settings.access_log)

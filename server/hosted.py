@@ -29,6 +29,7 @@ from reprogram.artifact import Prompt
 from reprogram.errors import ProtocolError
 from reprogram.oracles import Oracle
 from reprogram.protocol import ModelMetadata
+from server.budget import check_deadline, holding
 from server.inference import (
     INPUT_NAME,
     MODEL_VERSION,
@@ -52,8 +53,9 @@ class SharedOracle:
         self._lock = threading.Lock()
 
     def run(self, fn: Callable[[Oracle], T]) -> T:
-        """Call ``fn(oracle)`` while holding the lock (inference mode, no autograd)."""
-        with self._lock, torch.no_grad():
+        """Call ``fn(oracle)`` while holding the lock (no autograd), waiting for it only until
+        the request's deadline."""
+        with holding(self._lock, "the model"), torch.no_grad():
             return fn(self.oracle)
 
 
@@ -217,6 +219,7 @@ class PromptServable:
         for i, image in enumerate(images):
             groups.setdefault(tuple(image.shape), []).append(i)
         for idx in groups.values():
+            check_deadline(f"with {len(idx)} images still to classify")
             out[idx] = self.infer(np.stack([images[i] for i in idx]))
         return out
 

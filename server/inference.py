@@ -3,7 +3,8 @@
 :class:`ModelRunner` turns uint8 ``[N,3,H,W]`` (0..255) or float32 (0..1) image batches into
 the scores the operator chose to reveal, under ``torch.inference_mode()``, in forward passes
 of at most ``max_batch`` images, one request at a time (a lock keeps concurrent requests from
-interleaving, so results do not depend on load). :class:`Registry` maps served names to
+interleaving, so results do not depend on load; a request waits for it, and runs its chunks,
+only until its deadline, see :mod:`server.budget`). :class:`Registry` maps served names to
 objects of the :class:`Servable` protocol; later issues register prompt artifacts there too.
 """
 
@@ -20,6 +21,7 @@ import torch
 from reprogram.errors import ProtocolError
 from reprogram.protocol import MetadataTensor, ModelMetadata
 from reprogram.zoo.registry import SourceModel
+from server.budget import check_deadline, holding
 from server.settings import OutputKind
 
 logger = logging.getLogger(__name__)
@@ -233,8 +235,12 @@ class ModelRunner:
         """Check a batch, run it and reveal: float32 ``[N, K]`` scores or int64 labels ``[N]``."""
         check_images(images, self.input_size, self._max_images)
         x = to_float(images)
-        with self._lock, torch.inference_mode():
-            parts = [self._model.module(chunk) for chunk in torch.split(x, self._max_batch)]
+        with holding(self._lock, "the model"), torch.inference_mode():
+            parts: list[torch.Tensor] = []
+            for start, chunk in zip(range(0, len(x), self._max_batch),
+                                    torch.split(x, self._max_batch), strict=True):
+                check_deadline(f"after {start} of {len(x)} images")
+                parts.append(self._model.module(chunk))
             logits = torch.cat(parts).to(torch.float32)
         out = reveal(logits, self._output)
         return out.numpy().astype(np.int64 if self._output.kind == "label" else np.float32)

@@ -79,6 +79,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="deepest nesting of a V2 JSON body")
     g.add_argument("--max-json-elements", type=int, default=d.max_json_elements,
                    help="most values in a V2 JSON body (use binary tensors for more)")
+    g.add_argument("--max-request-pixels", type=int, default=d.max_request_pixels, metavar="N",
+                   help="decoded pixels of all of a request's images together")
+    g.add_argument("--max-response-bytes", type=int, default=d.max_response_bytes,
+                   metavar="N", help="size cap of an answer")
+    g.add_argument("--body-timeout", type=float, default=d.body_timeout, metavar="S",
+                   help="seconds for a request's whole body to arrive (408 after)")
+    g.add_argument("--request-timeout", type=float, default=d.request_timeout, metavar="S",
+                   help="seconds from a request's headers to its answer (503 after)")
     g.add_argument("--drain-seconds", type=float, default=d.drain_seconds,
                    help="after SIGTERM: seconds with readiness false before the listener closes")
     g.add_argument("--shutdown-timeout", type=float, default=d.shutdown_timeout,
@@ -122,6 +130,10 @@ def parse_settings(argv: Sequence[str] | None = None) -> Settings:
         shutdown_timeout=args.shutdown_timeout,
         access_log=args.access_log,
         server_timing=args.server_timing,
+        max_request_pixels=args.max_request_pixels,
+        max_response_bytes=args.max_response_bytes,
+        body_timeout=args.body_timeout,
+        request_timeout=args.request_timeout,
     )
 
 

@@ -4,8 +4,7 @@
 apps can live in one process, as in the tests) with
 
 - ``reprogram_http_requests_total{method, route, status}``: requests by route *template*
-  (``/v2/models/{model_name}/infer``; ``<unmatched>`` for unknown paths, so cardinality stays
-  bounded) and status;
+  (``/v2/models/{model_name}/infer``; ``<unmatched>`` for unknown paths) and status;
 - ``reprogram_http_request_duration_seconds{method, route}``: latency histogram;
 - ``reprogram_http_errors_total{status}``: 4xx/5xx answers by status code;
 - ``reprogram_http_requests_in_flight`` and ``reprogram_inference_queue_depth`` (inference
@@ -17,6 +16,10 @@ apps can live in one process, as in the tests) with
 and writes one JSON line per request on the ``server.access`` logger: time, method, route
 template, status, duration, images, key *name*, client address and model. Never the path's
 query, headers, keys or image bytes.
+
+Every label value comes from a closed set, so nothing a client sends (authenticated or not)
+adds a time series: methods outside :data:`METHODS` count as ``OTHER``, paths as their route
+template or ``<unmatched>``, statuses are the server's own, keys are configured names.
 """
 
 from __future__ import annotations
@@ -38,6 +41,14 @@ from server.gate import caller_of
 access_logger = logging.getLogger("server.access")
 
 UNMATCHED = "<unmatched>"
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"})
+OTHER_METHOD = "OTHER"
+
+
+def method_label(scope: Scope) -> str:
+    """The request method if it is a standard one, else :data:`OTHER_METHOD`."""
+    method = scope.get("method")
+    return method if method in METHODS else OTHER_METHOD
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
                    10.0, 30.0, 60.0)
 
@@ -126,7 +137,7 @@ class ObservabilityMiddleware:
             self.metrics.in_flight.dec()
             duration = time.perf_counter() - start
             route = route_template(scope, self.templates())
-            method = str(scope.get("method", "-"))
+            method = method_label(scope)
             self.metrics.requests.labels(method, route, str(status)).inc()
             self.metrics.latency.labels(method, route).observe(duration)
             if status >= 400:

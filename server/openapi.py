@@ -22,12 +22,15 @@ WHY: dict[int, str] = {
     401: "missing or invalid API key (only when the server has keys)",
     403: "the key's images quota is spent, or the operation is not allowed for it",
     404: "unknown model, version or prompt (other keys' prompts are unknown too)",
+    408: "the body did not arrive within --body-timeout (the connection is closed)",
     409: "the prompt id is taken",
-    413: "over a size cap: body bytes, images per request, pixels per image, JSON size",
+    413: "over a size cap: body bytes, images per request, pixels per image or request, JSON"
+         " size, answer size",
     415: "an upload that is not a PNG or JPEG image",
     422: "invalid query parameters, or a prompt made for another model",
     429: "rate limit reached: retry after Retry-After seconds",
-    503: "the model is still loading, failed to load, or the server is shutting down",
+    503: "the model is still loading, failed to load, or the server is shutting down; or the"
+         " request ran past --request-timeout (Retry-After)",
     507: "the prompt cannot be stored",
 }
 OPEN_OPERATIONS = frozenset({"/v2/health/live", "/v2/health/ready"})

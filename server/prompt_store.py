@@ -2,10 +2,11 @@
 
 A prompt's id is the first :data:`ID_HEX` hex digits of the SHA-256 of its file's bytes, so
 re-uploading the same file is idempotent and the id names exactly one artifact. Every upload is
-validated before anything is written: the size cap, :func:`~reprogram.artifact.loads_prompt`
-(format, schema version, digest, tensors) and
-:func:`~reprogram.artifact.check_compatible` against the served model (input size, class
-count, weights SHA-256). A valid prompt is written to ``DIR/{id}.safetensors`` through a
+validated before anything is written: the size cap, then
+:func:`~reprogram.artifact.loads_prompt` (format, schema version, bounded JSON, digest,
+tensors, finite values) with :func:`~reprogram.artifact.check_compatible` against the served
+model (input size, class count, weights SHA-256) run on the file's header before any tensor
+is built. A valid prompt is written to ``DIR/{id}.safetensors`` through a
 temporary file in the same folder, ``fsync`` and ``os.replace`` (then the folder is synced),
 so a crash or ``kill -9`` mid-upload leaves either the whole file or none. At startup every
 ``*.safetensors`` file in the folder is loaded; invalid or incompatible ones are logged and
@@ -31,6 +32,7 @@ from pathlib import Path
 
 from reprogram import fsutil
 from reprogram.artifact import check_compatible, loads_prompt
+from reprogram.artifact_check import PromptHeader
 from reprogram.errors import ArtifactError, ReprogramError
 from server.gate import visible_to
 from server.hosted import PromptServable, SharedOracle
@@ -134,17 +136,19 @@ class PromptStore:
         if len(data) > self.max_bytes:
             raise TooLarge(f"expected a prompt file of at most {self.max_bytes} bytes, got"
                            f" {len(data)} in {label}")
-        prompt = loads_prompt(data)
         shared = self._oracle()
-        info = shared.oracle.info
-        try:
-            shared.oracle.adopt_vocabulary(prompt.source.get("vocabulary"))
-            info = shared.oracle.info
-            check_compatible(prompt, info.input_size, info.num_classes, info.fingerprint,
-                             allow_unverified=self.allow_unverified)
-        except ArtifactError as exc:
-            raise IncompatiblePrompt(f"{label} does not fit the served model {info.name!r}:"
-                                     f" {exc}") from None
+
+        def compatible(header: PromptHeader) -> None:  # before any tensor is built
+            try:
+                shared.oracle.adopt_vocabulary(header.source.get("vocabulary"))
+                info = shared.oracle.info
+                check_compatible(header, info.input_size, info.num_classes, info.fingerprint,
+                                 allow_unverified=self.allow_unverified)
+            except ArtifactError as exc:
+                raise IncompatiblePrompt(f"{label} does not fit the served model"
+                                         f" {shared.oracle.info.name!r}: {exc}") from None
+
+        prompt = loads_prompt(data, check=compatible)
         return PromptServable(prompt_id(data), prompt, shared, data=data,
                               created=time.time(), max_images=self.max_images,
                               max_pixels=self.max_pixels)

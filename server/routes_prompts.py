@@ -24,6 +24,7 @@ from server.admission import admission_for
 from server.gate import caller_of
 from server.hosted import PROBS, PromptServable
 from server.inference import TooLarge, top_entries
+from server.limits import PixelBudget, content_length
 from server.openapi import errors
 from server.prompt_store import PromptStore
 from server.routes_v1 import decode_image
@@ -110,12 +111,12 @@ _UPLOADED = {"model": PromptSummary, "description": "hosted (201: new for this k
 @router.post("", status_code=201, openapi_extra=_multipart(UPLOAD_FIELD, many=False),
              response_model=PromptSummary,
              responses={200: {**_UPLOADED, "description": "already hosted for this key"},
-                        **errors(400, 409, 413, 422, 503, 507)})
+                        **errors(400, 408, 409, 413, 422, 503, 507)})
 async def upload(request: Request) -> JSONResponse:
     """Host a prompt artifact (multipart field ``file``); its id is its content hash."""
     store = store_of(request)
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > store.max_bytes + MULTIPART_SLACK:
+    declared = content_length(request.scope)
+    if declared is not None and declared > store.max_bytes + MULTIPART_SLACK:
         raise TooLarge(f"expected a prompt file of at most {store.max_bytes} bytes, got a body"
                        f" of {declared} bytes")
     files = await read_files(request, UPLOAD_FIELD, max_files=1, max_bytes=store.max_bytes)
@@ -145,7 +146,7 @@ def delete(prompt_id: str, request: Request) -> dict[str, str]:
 
 
 @router.post("/{prompt_id}/predict", openapi_extra=_multipart(IMAGES_FIELD, many=True),
-             responses=errors(400, 403, 404, 413, 415, 422, 429, 503))
+             responses=errors(400, 403, 404, 408, 413, 415, 422, 429, 503))
 async def predict(
     prompt_id: str,
     request: Request,
@@ -157,14 +158,15 @@ async def predict(
     servable = store_of(request).get(prompt_id, _owner(request))
     caller_of(request).model = servable.name
     files = await read_files(request, IMAGES_FIELD, max_files=servable.max_images)
-    max_pixels: int = request.app.state.settings.max_image_pixels
+    settings = request.app.state.settings
     return await run_in_threadpool(admission.run, len(files), _predict, servable, files, top_k,
-                                   max_pixels)
+                                   settings.max_image_pixels,
+                                   PixelBudget(settings.max_request_pixels))
 
 
 def _predict(servable: PromptServable, files: list[tuple[str, bytes]], top_k: int,
-             max_pixels: int) -> dict[str, Any]:
-    images = [decode_image(data, name, None, max_pixels) for name, data in files]
+             max_pixels: int, budget: PixelBudget | None = None) -> dict[str, Any]:
+    images = [decode_image(data, name, None, max_pixels, budget=budget) for name, data in files]
     probs = servable.predict_images(images)
     tops = top_entries(probs, top_k, servable.class_names, PROBS)
     return {

@@ -1,7 +1,8 @@
 """Native, human-friendly routes: model info and prediction on uploaded PNG/JPEG files.
 
 Each upload is decoded with Pillow (PNG or JPEG only), its header checked against the pixel
-cap before the pixels are decoded (decompression bombs), converted to RGB and resized to the
+caps (per image, and for all of a request's images together) before the pixels are decoded
+(decompression bombs), converted to RGB and resized to the
 model's input size with bilinear filtering. Scores follow the operator's output kind: the
 ``score`` is a probability (``probs``/``topk:K``), a logit (``logits``) or ``None``
 (``label``, which returns only the predicted label). Prediction charges one image per file
@@ -22,7 +23,9 @@ from starlette.datastructures import UploadFile
 from reprogram.errors import ProtocolError
 from reprogram.zoo.modelconfig import resize_image
 from server.admission import admission_for, lookup
+from server.budget import check_deadline
 from server.inference import Registry, Servable, TooLarge, UnsupportedMedia, top_entries
+from server.limits import PixelBudget
 from server.openapi import errors
 
 router = APIRouter(prefix="/v1", tags=["v1"])
@@ -68,7 +71,7 @@ def model_info(model_name: str, request: Request) -> dict[str, Any]:
     return lookup(request, model_name).info()
 
 
-PREDICT_ERRORS = errors(400, 403, 404, 413, 415, 422, 429, 503)
+PREDICT_ERRORS = errors(400, 403, 404, 408, 413, 415, 422, 429, 503)
 
 
 @router.post("/models/{model_name}/predict", openapi_extra=_PREDICT_OPENAPI,
@@ -100,15 +103,17 @@ async def predict(
                 raise ProtocolError(f"expected file uploads in field {FIELD!r}, got a text value")
             files.append((item.filename or "", await item.read()))
     return await run_in_threadpool(
-        admission.run, len(files), _predict, servable, files, top_k, settings.max_image_pixels
+        admission.run, len(files), _predict, servable, files, top_k, settings.max_image_pixels,
+        PixelBudget(settings.max_request_pixels)
     )
 
 
 def _predict(
-    servable: Servable, files: list[tuple[str, bytes]], top_k: int, max_pixels: int
+    servable: Servable, files: list[tuple[str, bytes]], top_k: int, max_pixels: int,
+    budget: PixelBudget | None = None,
 ) -> dict[str, Any]:
     policy = getattr(servable, "resize_policy", ("stretch", None))  # source models have one
-    batch = np.stack([decode_image(data, name, servable.input_size, max_pixels, policy)
+    batch = np.stack([decode_image(data, name, servable.input_size, max_pixels, policy, budget)
                       for name, data in files])
     scores = servable.infer(batch)
     tops = top_entries(scores, top_k, servable.class_names, servable.output)
@@ -123,11 +128,13 @@ def _predict(
 
 def decode_image(
     data: bytes, filename: str, size: tuple[int, int] | None, max_pixels: int,
-    policy: tuple[str, int | None] = ("stretch", None),
+    policy: tuple[str, int | None] = ("stretch", None), budget: PixelBudget | None = None,
 ) -> np.ndarray:
     """Decode a PNG/JPEG upload into uint8 ``[3, H, W]`` at ``size`` (None: its own size),
     fitted by ``policy`` (``stretch``, ``crop`` or ``letterbox`` with the crop's resize size;
-    see :func:`reprogram.zoo.modelconfig.resize_image`)."""
+    see :func:`reprogram.zoo.modelconfig.resize_image`); its pixels are charged to the
+    request's ``budget`` (from its header) before decoding."""
+    check_deadline("while decoding the uploads")
     label = repr(filename) if filename else "upload"
     if not data:
         raise ProtocolError(f"expected a PNG or JPEG image in {label}, got an empty file")
@@ -145,8 +152,11 @@ def decode_image(
         raise _broken(label, exc) from None
     if img.width * img.height > max_pixels:
         raise TooLarge(
-            f"expected at most {max_pixels} pixels in {label}, got {img.width}x{img.height}"
+            f"expected at most {max_pixels} pixels in {label} (--max-image-pixels), got"
+            f" {img.width}x{img.height}"
         )
+    if budget is not None:
+        budget.take(img.width * img.height, f"{label} ({img.width}x{img.height})")
     try:
         img.load()
         rgb = img.convert("RGB")

@@ -6,8 +6,10 @@ tensor extension work; the ``classification`` output parameter returns Triton-st
 ``"score:index:label"`` strings. With output kind ``label`` the only score is the one-hot
 ``1`` of the predicted class, so ``classification`` gives one entry per image whatever ``k``.
 Readiness is false while the server drains after SIGTERM. Infer refuses an empty rate-limit
-bucket before reading the body, bounds JSON nesting and size before parsing
-(:mod:`server.limits`), and charges the images to the caller (:mod:`server.admission`).
+bucket before reading the body, bounds JSON nesting and size before parsing, the decoded
+pixels, repeated outputs and the answer's size (:mod:`server.limits`), stops at the request's
+deadline (:mod:`server.budget`), and charges the images to the caller
+(:mod:`server.admission`).
 """
 
 from __future__ import annotations
@@ -28,9 +30,16 @@ from reprogram import protocol
 from reprogram.errors import ProtocolError
 from reprogram.protocol import InferenceRequest, InferenceResponse, OutputTensor, RequestedOutput
 from server.admission import Admission, admission_for, lookup
+from server.budget import check_deadline
 from server.gate import caller_of, visible_to
 from server.inference import INPUT_NAME, MODEL_VERSION, Registry, Servable, TooLarge
-from server.limits import check_json_structure
+from server.limits import (
+    PixelBudget,
+    check_distinct_outputs,
+    check_json_structure,
+    check_response_size,
+    response_floor,
+)
 from server.openapi import errors, schema_ref
 from server.settings import Settings
 
@@ -175,7 +184,7 @@ def model_ready(model_name: str, request: Request, version: str | None = None) -
     return JSONResponse({"name": model_name, "ready": ok}, status_code=200 if ok else 503)
 
 
-_INFER_RESPONSES = {200: _INFER_OK, **errors(400, 403, 404, 413, 429, 503)}
+_INFER_RESPONSES = {200: _INFER_OK, **errors(400, 403, 404, 408, 413, 429, 503)}
 
 
 @router.post("/models/{model_name}/infer", openapi_extra=_INFER_OPENAPI,
@@ -229,28 +238,51 @@ def run_infer(servable: Servable, body: bytes, headers: dict[str, str],
         raise ProtocolError(f"expected one input named {INPUT_NAME!r}, got {list(tensors)}")
     requested = _requested_outputs(req, servable)
     images = tensors[INPUT_NAME]
-    t1 = time.perf_counter()
-    if admission is None:
+    n = int(images.shape[0]) if images.ndim else 1
+    if images.ndim == 4:
+        PixelBudget(caps.max_request_pixels).take(
+            n * int(images.shape[2]) * int(images.shape[3]),
+            f"{n} images of {images.shape[2]}x{images.shape[3]}")
+    check_response_size(_answer_floor(servable, n, requested), caps.max_response_bytes,
+                        before=True)
+    check_deadline("before inference")
+    times = [t0, time.perf_counter()]
+
+    def answer() -> tuple[bytes, dict[str, str]]:  # all of it charged, or refunded together
         scores = servable.infer(images)
+        times.append(time.perf_counter())
+        check_deadline("after inference")
+        outputs = [_output_tensor(servable, scores, name, binary, k)
+                   for name, binary, k in requested]
+        content, out_headers = protocol.encode_response(
+            model_name=servable.name, model_version=servable.version, request_id=req.id,
+            outputs=outputs)
+        check_response_size(len(content), caps.max_response_bytes)
+        times.append(time.perf_counter())
+        return content, out_headers
+
+    if admission is None:
+        content, out_headers = answer()
     else:
-        with admission.charge(int(images.shape[0]) if images.ndim else 1):
-            scores = servable.infer(images)
-    t2 = time.perf_counter()
-    outputs = [_output_tensor(servable, scores, name, binary, k) for name, binary, k in requested]
-    content, out_headers = protocol.encode_response(
-        model_name=servable.name,
-        model_version=servable.version,
-        request_id=req.id,
-        outputs=outputs,
-    )
+        with admission.charge(n):
+            content, out_headers = answer()
     # W3C Server-Timing (milliseconds): lets a client split a round trip into the server's
     # decoding, model forward pass (including any wait for the model) and encoding
     if caps.server_timing:
-        durations = {"decode": t1 - t0, "forward": t2 - t1,
-                     "encode": time.perf_counter() - t2}
-        out_headers["Server-Timing"] = ", ".join(f"{name};dur={sec * 1e3:.3f}"
-                                                 for name, sec in durations.items())
+        stages = zip(("decode", "forward", "encode"), times, times[1:], strict=False)
+        out_headers["Server-Timing"] = ", ".join(f"{name};dur={(end - start) * 1e3:.3f}"
+                                                 for name, start, end in stages)
     return content, out_headers
+
+
+def _answer_floor(servable: Servable, n: int, requested: list[tuple[str, bool, int]]) -> int:
+    """The fewest bytes the answer to ``n`` images can take (see ``response_floor``)."""
+    classes = len(servable.class_names)
+    total = 0
+    for _, binary, k in requested:
+        per_image = 1 if servable.output.kind == "label" else min(k, classes) if k else classes
+        total += response_floor(n, per_image, binary)
+    return total
 
 
 def _flag(params: dict[str, Any] | None, key: str, default: bool) -> bool:
@@ -280,6 +312,7 @@ def _requested_outputs(
                 f"expected a non-negative integer 'classification' count, got {count!r}"
             )
         result.append((out.name, _flag(out.parameters, "binary_data", default_binary), count))
+    check_distinct_outputs(name for name, _, _ in result)
     return result
 
 

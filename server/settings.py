@@ -8,7 +8,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from reprogram.errors import ConfigError
+from reprogram.errors import ConfigError, ProtocolError
+from reprogram.strict import parse_count
 
 OutputKindName = Literal["probs", "logits", "topk", "label"]
 LogLevel = Literal["critical", "error", "warning", "info", "debug"]
@@ -38,9 +39,12 @@ class OutputKind:
         """Parse ``probs``, ``logits``, ``label`` or ``topk:K``."""
         name, sep, rest = text.strip().partition(":")
         if name == "topk" and sep:
-            if not rest.isdigit() or int(rest) < 1:
-                raise ConfigError(f"expected topk:K with an integer K >= 1, got {text!r}")
-            return cls(kind="topk", k=int(rest))
+            try:
+                k = parse_count(rest, "K", minimum=1)
+            except ProtocolError:
+                raise ConfigError(f"expected topk:K with an integer K >= 1, got {text!r}"
+                                  ) from None
+            return cls(kind="topk", k=k)
         if name in ("probs", "logits", "label") and not sep:
             return cls(kind=name)  # type: ignore[arg-type]
         raise ConfigError(f"expected an output kind probs|logits|topk:K|label, got {text!r}")
@@ -67,6 +71,11 @@ def _positive(name: str, value: int) -> None:
 def _seconds(name: str, value: float) -> None:
     if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < 1e6:
         raise ConfigError(f"expected a number of seconds >= 0 for {name}, got {value!r}")
+
+
+def _timeout(name: str, value: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < 1e6:
+        raise ConfigError(f"expected a number of seconds > 0 for {name}, got {value!r}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -118,6 +127,11 @@ class Settings:
     may take to finish), ``access_log`` (one JSON line per request on ``server.access``),
     ``server_timing`` (a W3C ``Server-Timing`` header on V2 inference answers; its ``forward``
     includes any wait for the model, so it tells callers how busy the server is).
+
+    Work per request (see ``server.limits``, ``server.budget``): ``max_request_pixels``
+    (decoded pixels of all of a request's images together), ``max_response_bytes`` (the
+    encoded answer), ``body_timeout`` (seconds for the whole body to arrive) and
+    ``request_timeout`` (seconds from the request's headers to its answer).
     """
 
     model: str = "default"
@@ -144,13 +158,20 @@ class Settings:
     shutdown_timeout: float = 30.0
     access_log: bool = True
     server_timing: bool = True
+    max_request_pixels: int = 4096 * 4096
+    max_response_bytes: int = 64 * 1024 * 1024
+    body_timeout: float = 60.0
+    request_timeout: float = 120.0
 
     def __post_init__(self) -> None:
         if isinstance(self.output, str):  # accept "topk:3" for convenience
             object.__setattr__(self, "output", OutputKind.parse(self.output))
         for name in ("max_batch", "max_images_per_request", "max_body_bytes", "max_image_pixels",
-                     "max_prompt_bytes", "max_json_depth", "max_json_elements"):
+                     "max_prompt_bytes", "max_json_depth", "max_json_elements",
+                     "max_request_pixels", "max_response_bytes"):
             _positive(name, getattr(self, name))
+        for name in ("body_timeout", "request_timeout"):
+            _timeout(name, getattr(self, name))
         for name in ("images_per_minute", "quota_images"):
             if getattr(self, name) is not None:
                 _positive(name, getattr(self, name))

@@ -3,6 +3,10 @@
 ``live_server(*args)`` starts ``reprogram-server --host 127.0.0.1 --port PORT *args``, waits
 until ``/v2/health/ready`` answers 200 and returns the base URL; every process it started is
 terminated (then killed) when the requesting module finishes.
+
+``--extended`` (``scripts/test.sh --extended``) also runs the long forms of the tests: those
+marked ``extended``, and the fuzzing tests with 10,000 inputs per property instead of a few
+hundred (the ``extended_run`` fixture tells a test which run it is in).
 """
 
 from __future__ import annotations
@@ -34,7 +38,8 @@ READY_TIMEOUT_S = 90.0
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--extended", action="store_true", default=False,
-                     help="also run the long tests (marked extended): big fits, real-size models")
+                     help="also run the long tests (marked extended): big fits, real-size models;"
+                          " fuzzing with 10,000 inputs per property")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -44,6 +49,12 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "extended" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def extended_run(request: pytest.FixtureRequest) -> bool:
+    """True in the extended run (``pytest --extended``): the fuzzing tests size themselves."""
+    return bool(request.config.getoption("--extended"))
 
 
 def server_command() -> list[str]:

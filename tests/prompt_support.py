@@ -182,3 +182,19 @@ def listing(folder: Path) -> dict[str, bytes]:
         return {}
     return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
 
+
+
+def split_artifact(data: bytes) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """The metadata record (digest included) and the tensors of a prompt file."""
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + n])
+    return json.loads(header["__metadata__"]["reprogram"]), st_load(data)
+
+
+def resign(meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> bytes:
+    """A prompt file with these metadata and tensors and a VALID digest: a forger's file."""
+    from reprogram.artifact import _digest
+
+    meta = {k: v for k, v in meta.items() if k != "digest"}
+    meta["digest"] = _digest(meta, tensors)
+    return st_save(tensors, metadata={"reprogram": json.dumps(meta)})

@@ -3,7 +3,8 @@
 schemathesis generates a few hundred requests across every operation of the live server's
 OpenAPI schema (with an API key, a hosted prompt and real path names): zero 5xx and zero
 violations of the declared statuses, content types, headers and bodies. A small load run
-(4 clients x 10 requests) finishes without an error.
+(4 clients x 10 requests, then again beside one hostile client that sends one request at each
+of the server's limits) finishes without an error, each hostile request getting its status.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import re
 
 import pytest
 
-from bench import fuzz, load
+from bench import fuzz, hostile, load
 
 pytestmark = pytest.mark.slow
 
@@ -28,6 +29,12 @@ def test_schemathesis_bounded_run() -> None:
 
 
 def test_load_smoke(capsys: pytest.CaptureFixture[str]) -> None:
-    assert load.main(["--clients", "4", "--requests", "10", "--batch", "8"]) == 0
+    # one hostile client sends each hostile kind once beside the good ones: each gets its 4xx
+    assert load.main(["--clients", "4", "--requests", "10", "--batch", "8",
+                      "--hostile-clients", "1"]) == 0
     out = capsys.readouterr().out
-    assert "requests 40, errors 0" in out and "images/s" in out and "p99" in out
+    assert re.search(r"good requests, errors\s+40, 0\s+40, 0", out), out
+    assert re.search(r"hostile requests, wrong\s+0, 0\s+(\d+), 0", out), out
+    assert "good latency p99" in out and "server peak RSS" in out
+    for kind in hostile.KINDS:
+        assert f"  {kind}: " in out, kind
