@@ -92,12 +92,20 @@ def configure_access_log(enabled: bool) -> None:
         access.setLevel(logging.CRITICAL + 1)
 
 
+def uvicorn_config(app: Any, settings: Settings) -> uvicorn.Config:
+    """uvicorn's configuration for ``app``: h11 and the standard asyncio loop, whatever else
+    is installed (uvicorn would pick httptools and uvloop where present, e.g. next to Ray
+    Serve, and they parse and bound requests differently), so the server behaves the same in
+    every environment."""
+    return uvicorn.Config(app, host=settings.host, port=settings.port, http="h11",
+                          loop="asyncio", log_level=settings.log_level, access_log=False,
+                          timeout_graceful_shutdown=math.ceil(settings.shutdown_timeout))
+
+
 def serve(app: Any, settings: Settings) -> None:
     """Run ``app`` on ``settings.host:port`` until SIGTERM/SIGINT; return after a clean stop."""
     configure_access_log(settings.access_log)
-    config = uvicorn.Config(app, host=settings.host, port=settings.port,
-                            log_level=settings.log_level, access_log=False,
-                            timeout_graceful_shutdown=math.ceil(settings.shutdown_timeout))
+    config = uvicorn_config(app, settings)
 
     def drain() -> None:
         app.state.draining = True

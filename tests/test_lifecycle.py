@@ -15,7 +15,7 @@ import pytest
 import uvicorn
 
 from server import Settings, create_app
-from server.lifecycle import GracefulServer, configure_access_log
+from server.lifecycle import GracefulServer, configure_access_log, uvicorn_config
 from server.main import parse_settings
 
 
@@ -67,3 +67,13 @@ def test_new_flags(monkeypatch: pytest.MonkeyPatch) -> None:
                                                                     10.0, False)
     d = parse_settings([])
     assert d.api_keys == () and d.images_per_minute is None and d.access_log
+
+
+def test_uvicorn_config_is_the_same_everywhere() -> None:
+    """h11 and asyncio even where httptools and uvloop are installed (Ray Serve brings them):
+    the request parser and its bounds do not depend on the environment."""
+    config = uvicorn_config(create_app(Settings()), Settings(port=8123, shutdown_timeout=2.5))
+    config.load()
+    assert (config.http, config.loop, config.port) == ("h11", "asyncio", 8123)
+    assert config.timeout_graceful_shutdown == 3
+    assert config.http_protocol_class.__module__ == "uvicorn.protocols.http.h11_impl"
