@@ -85,6 +85,8 @@ def add_endpoint_args(g: Any) -> None:
                    help="vocabulary slots for an API that answers class names (default 1000)")
     g.add_argument("--max-in-flight", type=int, default=4,
                    help="requests in flight at once (default 4)")
+    g.add_argument("--endpoint-timeout", type=float, default=60.0, metavar="SECONDS",
+                   help="seconds to wait for one answer from the endpoint (default 60)")
     g.add_argument("--allow-unverified-model", action="store_true",
                    help="use a prompt on an endpoint whose model cannot be shown to be the "
                         "one it was made for")
@@ -105,8 +107,11 @@ def http_oracle(args: argparse.Namespace, *, budget: int | None = None,
 
     if args.max_in_flight < 1:
         raise ConfigError(f"expected --max-in-flight >= 1, got {args.max_in_flight}")
+    timeout = getattr(args, "endpoint_timeout", 60.0)
+    if not 0 < timeout <= 3600:
+        raise ConfigError(f"expected --endpoint-timeout in (0, 3600] seconds, got {timeout}")
     return HttpOracle(args.endpoint, model=args.endpoint_model,
                       api_key=args.api_key or os.environ.get("REPROGRAM_API_KEY"),
                       wire=args.wire, options=endpoint_options(args), retry=retry,
-                      max_in_flight=args.max_in_flight, budget=budget,
+                      max_in_flight=args.max_in_flight, budget=budget, timeout=timeout,
                       max_requests=args.max_requests)

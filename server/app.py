@@ -163,10 +163,14 @@ def install_error_handlers(app: FastAPI) -> None:
 
 def _runner(settings: Settings, model: SourceModel, name: str) -> ModelRunner:
     """A runner with the model's own batch cap where its config sets one: forward passes of
-    at most that many images, and requests of at most that many (the V2 max_batch_size)."""
+    at most that many images, and requests of at most that many (the V2 max_batch_size), which
+    also fit the body size and pixel limits, so a client that follows max_batch_size is never
+    refused for size."""
     cap = model.meta.max_batch
+    h, w = model.meta.input_size
     max_images = min(settings.max_images_per_request, cap or settings.max_images_per_request,
-                     body_cap(settings, model.meta.input_size))
+                     body_cap(settings, model.meta.input_size),
+                     max(1, settings.max_request_pixels // (h * w)))  # --max-request-pixels
     return ModelRunner(
         model,
         output=settings.output,

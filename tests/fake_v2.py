@@ -11,8 +11,10 @@ manager.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -52,6 +54,27 @@ def error(status: int, message: str, **headers: str) -> Reply:
 
 def json_reply(obj: Any, status: int = 200) -> Reply:
     return status, {"Content-Type": "application/json"}, json.dumps(obj).encode()
+
+
+class _Server(ThreadingHTTPServer):
+    """Threads per connection, and the connections remembered so that a stop closes them."""
+
+    daemon_threads = True
+
+    def __init__(self, *args: Any) -> None:
+        self.connections: set[socket.socket] = set()
+        super().__init__(*args)
+
+    def get_request(self) -> tuple[socket.socket, Any]:
+        conn, addr = super().get_request()
+        self.connections.add(conn)
+        return conn, addr
+
+    def drop_connections(self) -> None:
+        for conn in list(self.connections):
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
+        self.connections.clear()
 
 
 class FakeV2:
@@ -102,8 +125,7 @@ class FakeV2:
 
             do_GET = do_POST = _handle
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._server.daemon_threads = True
+        self._server = _Server(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
 
@@ -169,6 +191,7 @@ class FakeV2:
     def __exit__(self, *exc: object) -> None:
         self._server.shutdown()
         self._server.server_close()
+        self._server.drop_connections()  # keep-alive clients see the server gone, as a crash
         self._thread.join(timeout=5)
         if self.upstream is not None:
             self.upstream.close()

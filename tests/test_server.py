@@ -79,6 +79,18 @@ def client(model: SourceModel) -> Client:
     return make_client(model, max_body_bytes=200_000, max_image_pixels=64 * 64)
 
 
+def test_max_batch_size_fits_the_pixel_limit(model: SourceModel, images: np.ndarray) -> None:
+    """A client that sends max_batch_size images is never refused for size: the advertised
+    batch also fits --max-request-pixels; one more image is a 413."""
+    client = make_client(model, max_request_pixels=7 * H * W)
+    assert client.get("/v2/models/default").json()["parameters"]["max_batch_size"] == 7
+    out, _ = client.infer(images[:7])
+    assert out["probs"].shape == (7, 10)
+    body, headers = protocol.encode_request({"image": images[:8]}, None, binary=True)
+    r = client.post("/v2/models/default/infer", content=body, headers=headers)
+    assert r.status_code == 413 and "pixels" in r.json()["error"]
+
+
 def good(client: Client, x: np.ndarray) -> None:
     """A good request still succeeds."""
     out, _ = client.infer(x[:2])
