@@ -72,9 +72,9 @@ def forged(draw: st.DrawFn) -> bytes:
                 meta[part][key] = draw(_field_values[(part, key)])
         else:
             meta[draw(st.sampled_from(_top_fields))] = draw(json_values(10))
-    if draw(st.booleans()):  # consistent geometry, so the tensor checks are reached
-        meta["labelmap"]["num_target"] = len(meta["target_classes"]) if isinstance(
-            meta.get("target_classes"), list) and isinstance(meta.get("labelmap"), dict) else 1
+    labelmap, target_classes = meta.get("labelmap"), meta.get("target_classes")
+    if isinstance(labelmap, dict) and isinstance(target_classes, list) and draw(st.booleans()):
+        labelmap["num_target"] = len(target_classes)  # consistent, so tensor checks are reached
     tensors = dict(TENSORS)
     for _ in range(draw(st.integers(min_value=0, max_value=2))):
         name = draw(st.sampled_from([*sorted(TENSORS), "program.extra", "optimizer.x", "x"]))
