@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from reprogram.errors import BudgetExhausted, ConfigError, DataError
+from reprogram.pixels import clamp01
 from reprogram.zoo.registry import SourceModel
 
 log = logging.getLogger(__name__)
@@ -159,7 +160,7 @@ class Oracle(ABC):
             return x.new_zeros((0, self.info.num_classes))
         t0 = time.perf_counter()
         try:
-            scores, requests = self._query(x.clamp(0.0, 1.0))
+            scores, requests = self._query(clamp01(x))
         finally:
             self.query_seconds += time.perf_counter() - t0
         self.images_used += n

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from reprogram.errors import ConfigError, DataError, spec_fields
+from reprogram.pixels import clamp01
 
 __all__ = [
     "InputTransform",
@@ -59,15 +60,6 @@ def _check_int(name: str, value: object, minimum: int) -> int:
     if value < minimum:
         raise ConfigError(f"expected {name} >= {minimum}, got {value}")
     return value
-
-
-def _clamp01(x: Tensor) -> Tensor:
-    """``clamp(x, 0, 1)`` whose gradient also passes AT the bounds (torch's is 0 there).
-
-    Elsayed's overlay starts at ``tanh(0) = 0`` on a black frame, exactly on the lower bound:
-    with torch's clamp the initial gradient there would be identically zero.
-    """
-    return torch.where((x >= 0) & (x <= 1), x, x.clamp(0.0, 1.0))
 
 
 def _resize(x: Tensor, size: tuple[int, int]) -> Tensor:
@@ -355,7 +347,7 @@ class Program(nn.Module):
             image = _resize(x_t, (h, w))
             patch = F.pad(torch.sigmoid(up), (0, w - p, 0, h - p))
             out = torch.where(self.inner_mask, image[None], patch[:, None])
-        return _clamp01(out)
+        return clamp01(out)
 
     def forward(self, x_t: Tensor) -> Tensor:
         """Render the module's own ``theta``: ``[N, 3, H, W]`` in [0, 1]."""

@@ -187,3 +187,44 @@ def test_bad_inputs_are_data_errors(model: SourceModel, x: torch.Tensor) -> None
     with pytest.raises(DataError, match="expected"):
         oracle.query(x)
     assert oracle.counts() == {"images": 0, "requests": 0}
+
+
+# ----------------------------------------------------------------------------- saturated pixels
+def test_saturated_pixels_keep_their_gradient_through_the_oracle(model: SourceModel) -> None:
+    """White-box ``full``: pixels exactly at 0 (black frame, ``tanh(0)``) and at 1 (a white
+    image pixel) get the program's gradient, which one-sided finite differences from inside
+    [0, 1] confirm."""
+    from reprogram.programs import ProgramSpec, build_program
+
+    program = build_program(ProgramSpec(kind="full", frame_size=(32, 32), inner_size=16))
+    x_t = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(3)).double()
+    x_t[:, :, :4, :4] = 1.0  # saturated at the top: white image pixels, theta = 0 keeps them 1
+    # a smooth model (softplus, no max-pool ties among the black border's zeros), same meta
+    torch.manual_seed(0)
+    smooth = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 16),
+                                 torch.nn.Softplus(), torch.nn.Linear(16, 10)).double()
+    oracle = LocalOracle(SourceModel(smooth, model.meta, True), output="logits",
+                         quantize=False)
+
+    def loss(theta: torch.Tensor) -> torch.Tensor:
+        return oracle.query(program.apply(x_t, theta[None])[0])[:, 3].sum()
+
+    theta = torch.zeros(program.theta_shape, dtype=torch.float64, requires_grad=True)
+    loss(theta).backward()
+    assert theta.grad is not None
+    eps = 1e-6
+    # (channel, row, col, inward direction): border pixels at 0 grow, white pixels shrink
+    probes = [(0, 0, 0, 1.0), (1, 5, 30, 1.0), (2, 31, 16, 1.0),
+              (0, 8, 8, -1.0), (2, 11, 10, -1.0)]
+    with torch.no_grad():
+        rendered = program.apply(x_t, theta[None])[0]
+        base = loss(theta)
+        for c, i, j, sign in probes:
+            assert float(rendered[:, c, i, j].min()) in (0.0, 1.0)
+            assert float(rendered[:, c, i, j].max()) in (0.0, 1.0)
+            step = theta.detach().clone()
+            step[c, i, j] += sign * eps
+            fd = float(loss(step) - base) / (sign * eps)
+            grad = float(theta.grad[c, i, j])
+            assert abs(grad) > 1e-4, "a saturated pixel lost its gradient"
+            assert grad == pytest.approx(fd, rel=1e-3, abs=1e-6)
