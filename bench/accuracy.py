@@ -49,7 +49,7 @@ METHODS: dict[str, dict[str, Any]] = {
     # our defaults with one ingredient changed, to show what each is worth
     "ours-antithetic": dict(RECOMMENDED["rgf"], estimator="rgf", antithetic=True),
     "ours-no-grid": dict(RECOMMENDED["rgf"], estimator="rgf", resolution=None),
-    "ours-pad": dict(RECOMMENDED["rgf"], estimator="rgf", program="pad"),
+    "ours-pad": dict(RECOMMENDED["rgf"], estimator="rgf", program="expand"),
     "ours-spsa": dict(RECOMMENDED["spsa"], estimator="spsa"),
     "ours-first-map": dict(RECOMMENDED["rgf"], estimator="rgf", labelmap="first"),
     "ours-frequency-map": dict(RECOMMENDED["rgf"], estimator="rgf", labelmap="frequency"),

@@ -58,7 +58,7 @@ prompts = {{ values = ["{pid}"] }}
 def demo_prompt(seed: int = 0) -> bytes:
     """An untrained but valid prompt artifact for the default model."""
     torch.manual_seed(seed)
-    program = build_program(ProgramSpec(kind="pad", frame_size=(32, 32), inner_size=16,
+    program = build_program(ProgramSpec(kind="expand", frame_size=(32, 32), inner_size=16,
                                         resolution=8))
     labelmap = build_labelmap(LabelMapSpec(kind="linear", num_source=10, num_target=10))
     prompt = Prompt.from_reprogrammer(Reprogrammer(program, labelmap),

@@ -64,15 +64,23 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(f)
     f.add_argument("--data", required=True, help="'digits', 'squares' or a class-per-folder dir")
     f.add_argument("--out", default="prompt.safetensors", help="artifact path")
-    f.add_argument("--program", choices=("pad", "patch", "full"), default=None,
-                   help="pad: learnable border; patch: corner patch; full: overlay on the "
-                        "whole frame (default: pad for autograd, full for rgf/spsa)")
+    f.add_argument("--program", default=None,
+                   choices=("expand", "add-pad", "add-patch", "mask", "patch", "full", "pad"),
+                   help="expand: sigmoid border around a shrunk image (ILM-VP); add-pad / "
+                        "add-patch: border / corner patch added to the full-size image (Bahng "
+                        "et al.); mask: tanh border around the image at native size (Elsayed "
+                        "et al.; --weight-penalty is its lambda); patch: corner patch replacing "
+                        "the image's; full: overlay on the whole frame; pad: deprecated alias "
+                        "of expand, removed in the next release (default: expand for autograd, "
+                        "full for rgf/spsa)")
+    f.add_argument("--weight-penalty", type=float, default=None, metavar="LAMBDA",
+                   help="add LAMBDA * ||theta||^2 to the loss (Elsayed et al.; default 0)")
     f.add_argument("--inner-size", type=int, default=None,
-                   help="side of the resized target image (default: the frame for full, "
-                        "half the frame for pad/patch)")
+                   help="side of the resized target image (default: the frame for full and "
+                        "the full-image kinds, half the frame for expand/mask)")
     f.add_argument("--scale", default=None, metavar="auto|S",
                    help="size the target image as AutoVP does: S times 128/224 of the frame "
-                        "(pad/full programs); 'auto' searches 0.5, 1, 1.5 on validation with "
+                        "(expand/full programs); 'auto' searches 0.5, 1, 1.5 on validation with "
                         "30%% of the budget (instead of --inner-size)")
     f.add_argument("--resolution", type=int, default=None,
                    help="learn the program on an RxR grid upsampled to the frame")

@@ -66,6 +66,7 @@ def fit_config_from_args(args: argparse.Namespace, differentiable: bool = True) 
         budget=capped_budget(args.budget), eval_every=args.eval_every, seed=args.seed,
         val_fraction=args.val_fraction, test_fraction=args.test_fraction,
         checkpoint=checkpoint, checkpoint_every=args.checkpoint_every,
+        weight_penalty=args.weight_penalty,
     )
 
 

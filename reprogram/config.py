@@ -16,9 +16,8 @@ from reprogram.estimators import (
     spsa_gc_optimizer,
 )
 from reprogram.labelmaps import LabelMapKind, LabelMapSpec
-from reprogram.programs import ProgramSpec
+from reprogram.program_spec import ProgramKind, ProgramSpec, canonical_kind
 
-ProgramKind = Literal["pad", "patch", "full"]
 OptimizerKind = Literal["adam", "sgd", "spsa-gc"]
 ScheduleKind = Literal["constant", "cosine"]
 
@@ -31,7 +30,7 @@ class FitConfig:
     validation queries together) cannot pay for another step, whichever comes first.
     """
 
-    program: ProgramKind = "pad"
+    program: ProgramKind = "expand"
     inner_size: int | None = None
     resolution: int | None = None
     mask: Literal["none", "border"] = "none"
@@ -58,8 +57,12 @@ class FitConfig:
     checkpoint: str | None = None
     checkpoint_every: int = 100
     floor: float = 1e-6
+    weight_penalty: float = 0.0
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "program", canonical_kind(self.program))  # "pad" -> "expand"
+        if not 0 <= float(self.weight_penalty) < math.inf:
+            raise ConfigError(f"expected a finite weight_penalty >= 0, got {self.weight_penalty}")
         for name, allowed in (("program", ProgramKind), ("labelmap", LabelMapKind),
                               ("estimator", EstimatorKind), ("optimizer", OptimizerKind),
                               ("schedule", ScheduleKind)):
@@ -89,11 +92,17 @@ class FitConfig:
         return cls(**{k: v for k, v in d.items() if k in known})
 
     def program_spec(self, frame_size: tuple[int, int]) -> ProgramSpec:
-        # default: the target image fills a full-frame overlay, or half the frame inside a pad
-        inner = self.inner_size or (min(frame_size) if self.program == "full"
-                                    else max(1, min(frame_size) // 2))
-        # a patch is a quarter of the frame's shorter side (8 px at 32, 56 px at 224)
-        patch = {"patch_size": max(1, min(frame_size) // 4)} if self.program == "patch" else {}
+        # default: the target image fills the frame, or half of it inside a border
+        bordered = self.program in ("expand", "mask")
+        inner = self.inner_size or (max(1, min(frame_size) // 2) if bordered
+                                    else min(frame_size))
+        # a patch is a quarter of the frame's shorter side (8 px at 32, 56 px at 224); Bahng's
+        # border is 30 px at 224 (hjbahng/visual_prompting main_clip.py, --prompt_size 30)
+        patch = {}
+        if self.program in ("patch", "add-patch"):
+            patch = {"patch_size": max(1, min(frame_size) // 4)}
+        elif self.program == "add-pad":
+            patch = {"patch_size": max(1, round(min(frame_size) * 30 / 224))}
         return ProgramSpec(kind=self.program, frame_size=frame_size, inner_size=inner,
                            resolution=self.resolution, mask=self.mask, **patch)
 
@@ -133,7 +142,7 @@ class FitConfig:
 # The defaults that learned fastest per query on the default model and digits (see the README's
 # results section for the measurements behind them).
 RECOMMENDED: dict[str, dict[str, Any]] = {
-    "autograd": {"program": "pad", "labelmap": "linear", "optimizer": "adam", "lr": 0.05,
+    "autograd": {"program": "expand", "labelmap": "linear", "optimizer": "adam", "lr": 0.05,
                  "batch_size": 32},
     # black-box: a full-frame overlay on an 8x8 grid (d = 192), the target image filling the
     # frame, a learned linear label map (exact gradient), RGF with a radius that survives the

@@ -128,7 +128,8 @@ class Fitter:
         info = oracle.info
         program = build_program(cfg.program_spec(info.input_size), seed=cfg.seed)
         labelmap = build_labelmap(cfg.labelmap_spec(info.num_classes, data.num_classes))
-        self.model = Reprogrammer(program, labelmap, floor=cfg.floor).to(oracle.device)
+        self.model = Reprogrammer(program, labelmap, floor=cfg.floor,
+                                  weight_penalty=cfg.weight_penalty).to(oracle.device)
         self.estimator = cfg.build_estimator()
         self.estimator.check(oracle.differentiable)
         if oracle.budget is None and cfg.budget is not None:

@@ -23,11 +23,12 @@ class Reprogrammer(nn.Module):
     """A program and a label map in front of an oracle: target images in, target logits out."""
 
     def __init__(self, program: Program, labelmap: LabelMap, *, floor: float = DEFAULT_FLOOR,
-                 ) -> None:
+                 weight_penalty: float = 0.0) -> None:
         super().__init__()
         self.program = program
         self.labelmap = labelmap
         self.floor = floor
+        self.weight_penalty = weight_penalty  # Elsayed et al.'s lambda in + lambda * ||W||^2
 
     def transform(self, images: Tensor) -> Tensor:
         """Raw target images (uint8 or [0,1]) -> the program's input ``[N,3,inner,inner]``."""
@@ -43,14 +44,18 @@ class Reprogrammer(nn.Module):
         return self.labelmap(log_scores, oracle.info.active_classes)
 
     def objective(self, x_t: Tensor, labels: Tensor, oracle: Oracle) -> Objective:
-        """Mean cross-entropy per candidate, ``thetas [P,...] -> losses [P]``."""
+        """Mean cross-entropy per candidate (plus ``weight_penalty * ||theta||^2``),
+        ``thetas [P,...] -> losses [P]``."""
 
         def losses(thetas: Tensor) -> Tensor:
             logits = self.candidate_logits(x_t, thetas, oracle)
             p, n = logits.shape[:2]
             target = labels.to(logits.device).repeat(p)
             ce = F.cross_entropy(logits.flatten(0, 1), target, reduction="none")
-            return ce.view(p, n).mean(dim=1)
+            loss = ce.view(p, n).mean(dim=1)
+            if self.weight_penalty:
+                loss = loss + self.weight_penalty * thetas.pow(2).flatten(1).sum(1)
+            return loss
 
         return losses
 

@@ -55,7 +55,7 @@ class ScaleTrial:
 
 def scaled_inner(program: str, frame_size: tuple[int, int], scale: float) -> int:
     """The target image side for ``scale`` (AutoVP: ``int(base * scale)``, capped so the
-    program keeps a border: ``min(H, W) - 2`` for ``pad``, ``min(H, W)`` for ``full``)."""
+    program keeps a border: ``min(H, W) - 2`` for ``expand``, ``min(H, W)`` for ``full``)."""
     border = program in ("pad", "expand")  # ILM-VP's expansive prompt (``expand``, was ``pad``)
     if not border and program != "full":
         raise ConfigError(f"expected a pad (expand) or full program for --scale (the image size"

@@ -257,3 +257,37 @@ def test_check_compatible(model: SourceModel) -> None:
         check_compatible(prompt, (32, 32), 1000, fp)
     with pytest.raises(ArtifactError, match="model weights"):
         check_compatible(prompt, (32, 32), 10, {**fp, "weights_sha256": "0" * 64})
+
+
+# ----------------------------------------------------------------------------- program kinds
+def test_an_artifact_written_with_the_old_pad_kind_loads_as_expand(model: SourceModel) -> None:
+    prompt = _prompt("linear")
+    meta, tensors = _meta_and_tensors(prompt)
+    assert meta["program"]["kind"] == "expand"
+    meta["program"]["kind"] = "pad"  # what the previous release wrote
+    loaded = loads_prompt(_resign(meta, tensors))
+    assert loaded.program.kind == "expand" and loaded.program == prompt.program
+    images = load_digits().images[:20]
+    oracle = LocalOracle(model)
+    torch.testing.assert_close(loaded.build().predict_logits(images, oracle),
+                               prompt.build().predict_logits(images, oracle))
+
+
+@pytest.mark.parametrize(("kind", "patch"), [("add-pad", 4), ("add-patch", 8), ("mask", 8)])
+def test_new_program_kinds_and_their_geometry_round_trip(kind: str, patch: int) -> None:
+    inner = 16 if kind == "mask" else 32
+    spec = ProgramSpec(kind=kind, frame_size=(32, 32), inner_size=inner,  # type: ignore[arg-type]
+                       patch_size=patch)
+    base = _prompt("linear")
+    program = build_program(spec, seed=1)
+    with torch.no_grad():
+        program.theta.normal_(0, 0.3, generator=torch.Generator().manual_seed(2))
+    labelmap = build_labelmap(LabelMapSpec(kind="linear", num_source=10, num_target=10))
+    prompt = Prompt.from_reprogrammer(
+        Reprogrammer(program, labelmap), target_classes=CLASSES, source=base.source,
+        config={"program": kind}, seed=1, queries={"images": 1, "requests": 1}, metrics={})
+    loaded = loads_prompt(dump_prompt(prompt))
+    assert loaded.program == spec and loaded.program.patch_size == patch
+    assert torch.equal(loaded.tensors["program.theta"], program.theta.detach())
+    images = torch.rand(3, 3, 20, 20, generator=torch.Generator().manual_seed(4))
+    torch.testing.assert_close(loaded.build().program.render(images), program.render(images))

@@ -266,7 +266,7 @@ def test_fit_eval_apply_inspect_end_to_end(capsys: pytest.CaptureFixture[str],
     rc, stdout, err = run(capsys, "inspect", str(out), "--png", str(picture))
     assert rc == 0, err
     meta = json.loads(stdout)
-    assert meta["program"]["kind"] == "pad" and meta["target_classes"] == list(
+    assert meta["program"]["kind"] == "expand" and meta["target_classes"] == list(
         prompt.target_classes)
     with Image.open(picture) as img:
         assert img.format == "PNG"

@@ -14,7 +14,7 @@ from reprogram.programs import InputTransform, Program, ProgramSpec, build_progr
 
 
 def _spec(**kw: object) -> ProgramSpec:
-    base: dict[str, object] = {"kind": "pad", "frame_size": (32, 32), "inner_size": 24}
+    base: dict[str, object] = {"kind": "expand", "frame_size": (32, 32), "inner_size": 24}
     base.update(kw)
     return ProgramSpec(**base)  # type: ignore[arg-type]
 
@@ -27,6 +27,12 @@ SPECS = [
     _spec(kind="full"),
     _spec(kind="full", mask="border", resolution=8),
     _spec(frame_size=(28, 36), inner_size=20, resolution=4),
+    _spec(kind="add-pad", inner_size=32, patch_size=4),
+    _spec(kind="add-pad", inner_size=32, patch_size=4, resolution=8),
+    _spec(kind="add-patch", inner_size=32, patch_size=8),
+    _spec(kind="add-patch", inner_size=32, patch_size=8, resolution=4),
+    _spec(kind="mask", inner_size=16),
+    _spec(kind="mask", inner_size=16, resolution=8),
 ]
 
 
@@ -188,6 +194,10 @@ def test_spec_dict_round_trip(spec: ProgramSpec) -> None:
         {"resolution": 64},
         {"mask": "border"},  # only for full
         {"kind": "patch", "patch_size": 40},
+        {"kind": "add-patch", "patch_size": 40, "inner_size": 32},
+        {"kind": "add-pad", "patch_size": 17, "inner_size": 32},  # border wider than half
+        {"kind": "mask", "inner_size": 32},  # mask needs a border
+        {"kind": "mask", "mask": "border"},  # the mask kind's mask is implied
         {"init_std": -1.0},
         {"inner_size": 2.5},
         {"inner_size": True},
@@ -254,3 +264,56 @@ def test_render_from_raw_uint8() -> None:
     raw = torch.full((2, 1, 10, 10), 255, dtype=torch.uint8)
     out = program.render(raw)
     assert torch.allclose(out[:, :, 4:28, 4:28], torch.ones(2, 3, 24, 24))
+
+
+# ----------------------------------------------------------------------------- named kinds
+def test_pad_is_a_deprecated_alias_of_expand() -> None:
+    old = ProgramSpec(kind="pad", frame_size=(32, 32), inner_size=24)  # type: ignore[arg-type]
+    assert old.kind == "expand" and old == _spec(kind="expand")
+    assert ProgramSpec.from_dict(old.to_dict() | {"kind": "pad"}) == old
+    assert old.to_dict()["kind"] == "expand"
+
+
+def test_add_pad_adds_theta_on_a_border_of_the_full_size_image() -> None:
+    """Bahng et al.'s padding prompt: ``x + theta * M`` on the whole image, ``M`` a border of
+    ``patch_size`` pixels, clipped to the pixel range."""
+    program = build_program(_spec(kind="add-pad", inner_size=32, patch_size=4), seed=0)
+    theta = 0.2 * torch.randn(program.theta_shape, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        program.theta.copy_(theta)
+    x = _images(2, 32, seed=3)
+    out = program(x)
+    border = torch.ones(32, 32, dtype=torch.bool)
+    border[4:28, 4:28] = False
+    torch.testing.assert_close(out[:, :, ~border], x[:, :, ~border])
+    torch.testing.assert_close(out[:, :, border], (x + theta)[:, :, border].clamp(0, 1))
+
+
+def test_add_patch_adds_theta_on_the_top_left_square() -> None:
+    program = build_program(_spec(kind="add-patch", inner_size=32, patch_size=8), seed=0)
+    theta = 0.2 * torch.randn(program.theta_shape, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        program.theta.copy_(theta)
+    x = _images(2, 32, seed=3)
+    out = program(x)
+    expected = x.clone()
+    expected[:, :, :8, :8] = (x[:, :, :8, :8] + theta).clamp(0, 1)
+    torch.testing.assert_close(out, expected)
+
+
+def test_mask_is_elsayed_tanh_border_around_the_native_size_image() -> None:
+    """``X~ + tanh(W * M)`` in the paper's [-1, 1] range, mapped to [0, 1] pixels: the image
+    inside, ``(1 + tanh(W)) / 2`` outside; ``W`` inside the mask changes nothing."""
+    program = build_program(_spec(kind="mask", inner_size=16), seed=0)
+    theta = 2.0 * torch.randn(program.theta_shape, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        program.theta.copy_(theta)
+    x = _images(2, 16, seed=3)
+    out = program(x)
+    x_paper = F.pad(2 * x - 1, (8, 8, 8, 8))  # embedded in zeros of the [-1, 1] range
+    m = torch.ones(32, 32)
+    m[8:24, 8:24] = 0
+    torch.testing.assert_close(out, (x_paper + torch.tanh(theta * m) + 1) / 2)
+    with torch.no_grad():
+        program.theta[:, 8:24, 8:24] += 5.0
+    torch.testing.assert_close(program(x), out)
