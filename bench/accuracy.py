@@ -14,7 +14,6 @@ import argparse
 import json
 import multiprocessing
 import os
-import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -24,37 +23,45 @@ from typing import Any
 
 import torch
 
-from reprogram.config import RECOMMENDED, FitConfig
+from bench.accuracy_report import plot, summarize, table
+from reprogram.config import FitConfig
 from reprogram.data import load_dataset
+from reprogram.defaults import RECOMMENDED
 from reprogram.errors import ConfigError, EstimatorError
 from reprogram.fit import Fitter, fit
 from reprogram.oracles import LocalOracle, Oracle
+from reprogram.presets import PRESETS
 from reprogram.zoo.registry import load_model
 
-# Every method is a set of FitConfig fields. The baselines follow the papers' settings.
+# Every method is a set of FitConfig fields. The anchors are the presets of
+# reprogram.presets, every value as their papers' code sets it (see each preset's sources);
+# each white-box reference runs on the program of the black-box row it is compared with.
+_OURS = dict(RECOMMENDED["rgf"], estimator="rgf")
 METHODS: dict[str, dict[str, Any]] = {
-    # exact gradients through the local model (upper reference)
-    "white-box": {"estimator": "autograd", "labelmap": "linear", "optimizer": "adam",
-                  "lr": 0.05},
-    # BAR (Tsai et al. 2020): RGF, q directions, forward differences, frequency label map;
-    # mu = 0.01 as in BlackVIP's port of BAR
-    "bar-rgf": {"estimator": "rgf", "q": 10, "mu": 0.01, "labelmap": "frequency",
-                "optimizer": "adam", "lr": 0.05},
-    # BlackVIP (Oh et al. 2023): SPSA-GC with its defaults (c=0.01, gamma=0.1, a=0.01,
-    # alpha=0.4, o=1, beta=0.9, segmented perturbations), frequency label map
-    "blackvip-spsa-gc": {"estimator": "spsa", "spsa_c": 0.01, "spsa_gamma": 0.1,
-                         "optimizer": "spsa-gc", "lr": 0.01, "labelmap": "frequency"},
+    # exact gradients through the local model, on our black-box program (upper reference)
+    "white-box": dict(_OURS, estimator="autograd"),
+    # BAR's code; its 6 sources per target need 60 source classes: the default model has 10
+    "bar-code": dict(PRESETS["bar-code"].values, sources_per_target=1),
+    "bar-port": dict(PRESETS["bar-port"].values),
+    "blackvip-vp": dict(PRESETS["blackvip-vp"].values),
+    # white-box anchors, each on its own program
+    "elsayed": dict(PRESETS["elsayed"].values),
+    "bahng-pad": dict(PRESETS["bahng-pad"].values),
+    "bahng-patch": dict(PRESETS["bahng-patch"].values),
+    "ilm-vp": dict(PRESETS["ilm-vp"].values),
     # our defaults for an endpoint (what `reprogram fit --endpoint` uses)
-    "ours": dict(RECOMMENDED["rgf"], estimator="rgf"),
+    "ours": _OURS,
     # our defaults with one ingredient changed, to show what each is worth
-    "ours-antithetic": dict(RECOMMENDED["rgf"], estimator="rgf", antithetic=True),
-    "ours-no-grid": dict(RECOMMENDED["rgf"], estimator="rgf", resolution=None),
-    "ours-pad": dict(RECOMMENDED["rgf"], estimator="rgf", program="expand"),
+    "ours-antithetic": dict(_OURS, antithetic=True),
+    "ours-no-grid": dict(_OURS, resolution=None),
+    "ours-expand": dict(_OURS, program="expand"),
     "ours-spsa": dict(RECOMMENDED["spsa"], estimator="spsa"),
-    "ours-first-map": dict(RECOMMENDED["rgf"], estimator="rgf", labelmap="first"),
-    "ours-frequency-map": dict(RECOMMENDED["rgf"], estimator="rgf", labelmap="frequency"),
-    "ours-iterative-map": dict(RECOMMENDED["rgf"], estimator="rgf", labelmap="iterative"),
+    "ours-first-map": dict(_OURS, labelmap="first"),
+    "ours-frequency-map": dict(_OURS, labelmap="frequency"),
+    "ours-iterative-map": dict(_OURS, labelmap="iterative"),
 }
+# renamed rows of earlier runs (bench/sweeps, --resume of an old stream)
+ALIASES = {"ours-pad": "ours-expand"}
 
 QUICK_BUDGETS = (4000,)
 DEFAULT_BUDGETS = (30_000, 100_000, 300_000, 1_000_000)
@@ -63,11 +70,13 @@ DEFAULT_BUDGETS = (30_000, 100_000, 300_000, 1_000_000)
 def parse_method(spec: str) -> tuple[str, dict[str, Any]]:
     """``NAME`` from :data:`METHODS`, or ``NAME=key:value,key:value`` (FitConfig fields)."""
     if "=" not in spec:
+        spec = ALIASES.get(spec, spec)
         if spec not in METHODS:
             raise SystemExit(f"unknown method {spec!r}; known: {', '.join(METHODS)}")
         return spec, METHODS[spec]
     name, _, body = spec.partition("=")
-    base = dict(METHODS.get(body.split(",")[0], {})) if ":" not in body.split(",")[0] else {}
+    first = ALIASES.get(body.split(",")[0], body.split(",")[0])
+    base = dict(METHODS.get(first, {})) if ":" not in first else {}
     for item in body.split(","):
         if ":" not in item:
             continue
@@ -185,68 +194,6 @@ def run_jobs(jobs: Sequence[dict[str, Any]], workers: int,
                 done(row)
 
 
-def summarize(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Mean, standard deviation, min and max of test accuracy per (method, budget)."""
-    groups: dict[tuple[str, int], list[float]] = {}
-    for r in rows:
-        groups.setdefault((r["method"], r["budget"]), []).append(float(r["test_accuracy"]))
-    out = []
-    for (method, budget), accs in groups.items():
-        out.append({"method": method, "budget": budget, "n": len(accs),
-                    "mean": statistics.fmean(accs),
-                    "std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
-                    "min": min(accs), "max": max(accs)})
-    return out
-
-
-def table(summary: Sequence[dict[str, Any]]) -> str:
-    budgets = sorted({s["budget"] for s in summary})
-    methods = list(dict.fromkeys(s["method"] for s in summary))
-    cell = {(s["method"], s["budget"]): s for s in summary}
-    head = f"{'method':<22}" + "".join(f"{b:>16,}" for b in budgets)
-    lines = [head, "-" * len(head)]
-    for m in methods:
-        parts = []
-        for b in budgets:
-            s = cell.get((m, b))
-            parts.append(f"{s['mean']:>9.3f} ± {s['std']:.3f}" if s else f"{'-':>16}")
-        lines.append(f"{m:<22}" + "".join(f"{p:>16}" for p in parts))
-    return "\n".join(lines)
-
-
-def plot(summary: Sequence[dict[str, Any]], path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(8.5, 4.8), dpi=110)
-    methods = list(dict.fromkeys(s["method"] for s in summary))
-    cmap = plt.get_cmap("tab20")
-    colors = [cmap(k) for k in range(20)]
-    for i, m in enumerate(methods):
-        pts = sorted((s for s in summary if s["method"] == m), key=lambda s: s["budget"])
-        xs = [p["budget"] for p in pts]
-        ours = m.startswith("ours")
-        color = colors[(2 * i) % 20 if i < 10 else (2 * i + 1) % 20]  # dark shades, then light
-        ax.plot(xs, [p["mean"] for p in pts], marker="o" if ours else "s", color=color,
-                linestyle="-" if ours else "--", linewidth=2.2 if m == "ours" else 1.4,
-                label=m)
-        ax.fill_between(xs, [p["min"] for p in pts], [p["max"] for p in pts], color=color,
-                        alpha=0.15)
-    ax.set_xscale("log")
-    ax.set_xlabel("image queries (budget)")
-    ax.set_ylabel("test accuracy")
-    ax.set_ylim(0, 1)
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
-    ax.set_title(title)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.accuracy", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -258,8 +205,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--data", default="digits")
     p.add_argument("--output", default="probs",
                    help="what the oracle reveals: probs, logits, topk:K, topk-names:K, label")
-    p.add_argument("--wire", default="uint8",
-                   help="what the local model receives: uint8, or jpeg:Q as a JPEG API would")
+    p.add_argument("--wire", nargs="+", default=["uint8"],
+                   help="what the local model receives: uint8, fp32 (the float wire the papers "
+                        "assumed), or jpeg:Q as a JPEG API would; several give a column set "
+                        "each")
     p.add_argument("--endpoint", default=None, help="run over HTTP against this V2 server")
     p.add_argument("--device", default="cpu")
     p.add_argument("--jobs", type=int, default=1, help="fits run in parallel processes")
@@ -284,9 +233,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         methods = [(n, f) for n, f in methods if f.get("estimator") != "autograd"]
     threads = args.threads or max(1, (os.cpu_count() or 1) // max(args.jobs, 1))
     jobs = [{"method": name, "fields": fields, "budget": b, "seed": s, "data": args.data,
-             "output": args.output, "wire": args.wire, "endpoint": args.endpoint,
+             "output": args.output, "wire": wire, "endpoint": args.endpoint,
              "device": args.device, "threads": threads}
-            for name, fields in methods for b in budgets for s in seeds]
+            for name, fields in methods for wire in args.wire for b in budgets
+            for s in seeds]
     if not args.endpoint:  # every configuration is checked before any fit runs
         precheck(methods, min(budgets), seeds[0], args.data, args.output)
     out = Path(args.out)
@@ -323,7 +273,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         with stream.open("a") as f:
             f.write(json.dumps(row) + "\n")
         print(f"  {row['method']:<22} seed {row['seed']} budget {row['budget']:>9,}: "
-              f"test {row['test_accuracy']:.3f} ({row['seconds']}s) "
+              f"{row['oracle']}: val {row['val_accuracy']:.3f} test {row['test_accuracy']:.3f} "
+              f"({row['seconds']}s) "
               f"[{len(rows)}/{len(jobs)}]", file=sys.stderr, flush=True)
 
     failures: list[str] = []
@@ -351,7 +302,8 @@ def main(argv: Sequence[str] | None = None) -> int:
               "resumed": resumed, "failed": failures}
     out.with_suffix(".json").write_text(json.dumps(record, indent=1))
     plot(summary, out.with_suffix(".png"), f"{args.data}: test accuracy vs queries ({where})")
-    print(f"test accuracy on {args.data} ({where}), mean ± std over seeds {seeds}:")
+    print(f"accuracy on {args.data} ({where}), validation mean / test mean ± std over seeds "
+          f"{seeds}:")
     print(table(summary))
     print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.png')} "
           f"in {record['seconds']}s")

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal, get_args
 
 import torch
 
+from reprogram.defaults import ESTIMATOR, RECOMMENDED
 from reprogram.errors import ConfigError
 from reprogram.estimators import (
     EstimatorKind,
@@ -15,11 +16,15 @@ from reprogram.estimators import (
     build_estimator,
     spsa_gc_optimizer,
 )
-from reprogram.labelmaps import LabelMapKind, LabelMapSpec
+from reprogram.labelmaps import LabelMapKind, LabelMapScore, LabelMapSpec
+from reprogram.losses import LossSpec
 from reprogram.program_spec import ProgramKind, ProgramSpec, canonical_kind
+from reprogram.schedules import ScheduleSpec
+
+__all__ = ["RECOMMENDED", "FitConfig", "OptimizerKind", "recommended_config"]
 
 OptimizerKind = Literal["adam", "sgd", "spsa-gc"]
-ScheduleKind = Literal["constant", "cosine"]
+_RGF, _SPSA = ESTIMATOR["rgf"], ESTIMATOR["spsa"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -28,25 +33,39 @@ class FitConfig:
 
     The fit stops at ``epochs`` or when the image ``budget`` (training, label-map fitting and
     validation queries together) cannot pay for another step, whichever comes first.
+    ``loss`` and ``schedule`` are nested specs (:class:`~reprogram.losses.LossSpec`,
+    :class:`~reprogram.schedules.ScheduleSpec`); a bare kind name or a dict is accepted and
+    turned into one. The estimator fields default to :data:`reprogram.defaults.ESTIMATOR`.
+    ``optimizer="spsa-gc"`` has its own step-size decay ``lr / (k + spsa_o)^spsa_alpha`` and
+    uses ``momentum`` as its gradient-correction ``beta``; ``schedule`` is then not used.
     """
 
     program: ProgramKind = "expand"
-    inner_size: int | None = None
+    inner_size: int | Literal["native"] | None = None
+    inner_ratio: float | None = None
+    patch_ratio: float | None = None
     resolution: int | None = None
     mask: Literal["none", "border"] = "none"
     labelmap: LabelMapKind = "frequency"
     sources_per_target: int = 1
+    labelmap_score: LabelMapScore = "top1"
     estimator: EstimatorKind = "autograd"
-    q: int = 10
-    mu: float = 0.5
-    antithetic: bool = False
-    spsa_c: float = 0.01
-    spsa_gamma: float = 0.1
-    spsa_draws: int = 1
+    q: int = _RGF["q"]
+    mu: float = _RGF["mu"]
+    antithetic: bool = _RGF["antithetic"]
+    spsa_c: float = _SPSA["c"]
+    spsa_gamma: float = _SPSA["gamma"]
+    spsa_draws: int = _SPSA["n_draws"]
+    spsa_query_theta: bool = _SPSA["query_theta"]
+    spsa_alpha: float = 0.4
+    spsa_o: float = 1.0
     optimizer: OptimizerKind = "adam"
     lr: float = 0.05
+    momentum: float = 0.9
     labelmap_lr: float | None = None
-    schedule: ScheduleKind = "cosine"
+    schedule: ScheduleSpec = field(default_factory=ScheduleSpec)
+    loss: LossSpec = field(default_factory=LossSpec)
+    init_std: float = 0.0
     batch_size: int = 32
     epochs: int | None = None
     budget: int | None = None
@@ -61,16 +80,23 @@ class FitConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "program", canonical_kind(self.program))  # "pad" -> "expand"
-        if not 0 <= float(self.weight_penalty) < math.inf:
-            raise ConfigError(f"expected a finite weight_penalty >= 0, got {self.weight_penalty}")
+        object.__setattr__(self, "schedule", ScheduleSpec.coerce(self.schedule))
+        object.__setattr__(self, "loss", LossSpec.coerce(self.loss))
+        for name in ("weight_penalty", "momentum", "init_std", "spsa_alpha", "spsa_o"):
+            if not 0 <= float(getattr(self, name)) < math.inf:
+                raise ConfigError(f"expected a finite {name} >= 0, got {getattr(self, name)}")
         for name, allowed in (("program", ProgramKind), ("labelmap", LabelMapKind),
                               ("estimator", EstimatorKind), ("optimizer", OptimizerKind),
-                              ("schedule", ScheduleKind)):
+                              ("labelmap_score", LabelMapScore)):
             if getattr(self, name) not in get_args(allowed):
                 raise ConfigError(f"expected {name} in {get_args(allowed)}, "
                                   f"got {getattr(self, name)!r}")
-        for name in ("batch_size", "eval_every", "checkpoint_every", "q", "spsa_draws",
-                     "inner_size"):
+        if self.inner_size != "native":
+            self._check_at_least_one("inner_size")
+        for name in ("inner_ratio", "patch_ratio"):
+            if getattr(self, name) is not None and not 0 < float(getattr(self, name)) <= 1:
+                raise ConfigError(f"expected {name} in (0, 1], got {getattr(self, name)}")
+        for name in ("batch_size", "eval_every", "checkpoint_every", "q", "spsa_draws"):
             if getattr(self, name) is not None and int(getattr(self, name)) < 1:
                 raise ConfigError(f"expected {name} >= 1, got {getattr(self, name)}")
         for name in ("lr", "mu", "spsa_c"):
@@ -83,28 +109,50 @@ class FitConfig:
         if self.budget is not None and self.budget < 1:
             raise ConfigError(f"expected a positive budget, got {self.budget}")
 
+    def _check_at_least_one(self, name: str) -> None:
+        value = getattr(self, name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                  or value < 1):
+            raise ConfigError(f"expected {name} an int >= 1 or 'native', got {value!r}")
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> FitConfig:
+        """Inverse of :meth:`to_dict`; a config saved before the loss and schedule were nested
+        (``"schedule": "cosine"``, no ``loss``) loads too."""
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in known})
 
-    def program_spec(self, frame_size: tuple[int, int]) -> ProgramSpec:
-        # default: the target image fills the frame, or half of it inside a border
-        bordered = self.program in ("expand", "mask")
-        inner = self.inner_size or (max(1, min(frame_size) // 2) if bordered
-                                    else min(frame_size))
+    def program_spec(self, frame_size: tuple[int, int],
+                     native_size: int | None = None) -> ProgramSpec:
+        """The program's geometry on a ``frame_size`` input; ``native_size`` (the target
+        images' shorter side) is what ``inner_size="native"`` embeds them at."""
+        side = min(frame_size)
+        if self.inner_size == "native":
+            if native_size is None:
+                raise ConfigError("expected the target images' size for inner_size 'native', "
+                                  "got none")
+            inner = max(1, min(int(native_size), side))
+        elif self.inner_size is not None:
+            inner = int(self.inner_size)
+        elif self.inner_ratio is not None:
+            inner = max(1, round(side * self.inner_ratio))
+        else:  # the target image fills the frame, or half of it inside a border
+            inner = max(1, side // 2) if self.program in ("expand", "mask") else side
         # a patch is a quarter of the frame's shorter side (8 px at 32, 56 px at 224); Bahng's
         # border is 30 px at 224 (hjbahng/visual_prompting main_clip.py, --prompt_size 30)
         patch = {}
-        if self.program in ("patch", "add-patch"):
-            patch = {"patch_size": max(1, min(frame_size) // 4)}
-        elif self.program == "add-pad":
-            patch = {"patch_size": max(1, round(min(frame_size) * 30 / 224))}
+        if self.program in ("patch", "add-patch", "add-pad"):
+            if self.patch_ratio is not None:
+                size = round(side * self.patch_ratio)
+            else:
+                size = round(side * 30 / 224) if self.program == "add-pad" else side // 4
+            patch = {"patch_size": max(1, size)}
         return ProgramSpec(kind=self.program, frame_size=frame_size, inner_size=inner,
-                           resolution=self.resolution, mask=self.mask, **patch)
+                           resolution=self.resolution, mask=self.mask,
+                           init_std=float(self.init_std), **patch)
 
     def labelmap_spec(self, num_source: int, num_target: int) -> LabelMapSpec:
         return LabelMapSpec(kind=self.labelmap, num_source=num_source, num_target=num_target,
@@ -115,44 +163,27 @@ class FitConfig:
         if self.estimator == "rgf":
             options = {"q": self.q, "mu": self.mu, "antithetic": self.antithetic}
         elif self.estimator == "spsa":
-            options = {"c": self.spsa_c, "gamma": self.spsa_gamma, "n_draws": self.spsa_draws}
+            options = {"c": self.spsa_c, "gamma": self.spsa_gamma, "n_draws": self.spsa_draws,
+                       "query_theta": self.spsa_query_theta}
         return build_estimator(self.estimator, seed=self.seed, **options)
 
     def build_optimizer(
-        self, theta: torch.Tensor, head: list[torch.nn.Parameter], total_steps: int
+        self, theta: torch.Tensor, head: list[torch.nn.Parameter], total_steps: int,
+        steps_per_epoch: int = 1,
     ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
         groups: list[dict[str, Any]] = [{"params": [theta], "lr": self.lr}]
         if head:
             groups.append({"params": head, "lr": self.labelmap_lr or self.lr})
         if self.optimizer == "spsa-gc":
-            return spsa_gc_optimizer(groups, a=self.lr)
+            return spsa_gc_optimizer(groups, a=self.lr, alpha=self.spsa_alpha, o=self.spsa_o,
+                                     beta=self.momentum)
         opt: torch.optim.Optimizer
         if self.optimizer == "adam":
             opt = torch.optim.Adam(groups)
         else:
-            opt = torch.optim.SGD(groups, momentum=0.9)
-        if self.schedule == "cosine":
-            sched: torch.optim.lr_scheduler.LRScheduler = (
-                torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(total_steps, 1)))
-        else:
-            sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
-        return opt, sched
-
-
-# The defaults that learned fastest per query on the default model and digits (see the README's
-# results section for the measurements behind them).
-RECOMMENDED: dict[str, dict[str, Any]] = {
-    "autograd": {"program": "expand", "labelmap": "linear", "optimizer": "adam", "lr": 0.05,
-                 "batch_size": 32},
-    # black-box: a full-frame overlay on an 8x8 grid (d = 192), the target image filling the
-    # frame, a learned linear label map (exact gradient), RGF with a radius that survives the
-    # 8-bit wire, and Adam
-    "rgf": {"program": "full", "resolution": 8, "labelmap": "linear",
-            "optimizer": "adam", "lr": 0.05, "batch_size": 32, "q": 10, "mu": 1.0,
-            "antithetic": False},
-    "spsa": {"program": "full", "resolution": 8, "labelmap": "linear",
-             "optimizer": "adam", "lr": 0.05, "batch_size": 32, "spsa_c": 0.05},
-}
+            opt = torch.optim.SGD(groups, momentum=self.momentum)
+        factor = self.schedule.factor(total_steps, steps_per_epoch, self.lr)
+        return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
 def recommended_config(estimator: str, **overrides: Any) -> FitConfig:

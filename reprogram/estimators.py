@@ -32,6 +32,7 @@ from typing import Any, ClassVar, Literal, get_args
 import torch
 from torch import Tensor
 
+from reprogram.defaults import ESTIMATOR, SPSA_GC
 from reprogram.errors import ConfigError, EstimatorError
 
 __all__ = [
@@ -176,14 +177,19 @@ class RGFEstimator(GradientEstimator):
     in one objective call, ``theta`` first. ``antithetic=True`` uses central differences
     ``(L(theta + mu u_j) - L(theta - mu u_j)) / (2 mu)`` (``2q + 1`` candidates: ``theta``,
     then the ``q`` plus, then the ``q`` minus points). ``E[g]`` is the gradient of the
-    ``mu``-smoothed loss. BAR used ``q`` in {25, 55}; see :class:`reprogram.programs.Program`
-    on choosing ``mu`` for an 8-bit wire.
+    ``mu``-smoothed loss. The defaults are :data:`reprogram.defaults.ESTIMATOR` ``["rgf"]``;
+    the anchors' values (BAR's code: ``q = 1``, ``mu = 0.1``) are in :mod:`reprogram.presets`.
     """
 
     kind = "rgf"
 
     def __init__(
-        self, q: int = 25, mu: float = 0.01, antithetic: bool = False, *, seed: int
+        self,
+        q: int = ESTIMATOR["rgf"]["q"],
+        mu: float = ESTIMATOR["rgf"]["mu"],
+        antithetic: bool = ESTIMATOR["rgf"]["antithetic"],
+        *,
+        seed: int,
     ) -> None:
         super().__init__(seed=seed)
         _positive("q", q, integer=True)
@@ -220,7 +226,11 @@ class SPSAEstimator(GradientEstimator):
     At call ``k = 1, 2, ...``: ``c_k = c / k^gamma``; draw ``D`` from ``{-1, +1}^d``
     (``rademacher``) or BlackVIP's segmented uniform (magnitude ``U[0.5, 1]``, random sign);
     ``g = mean over draws of [L(theta + c_k D) - L(theta - c_k D)] / (2 c_k) * D^-1``.
-    ``2 * n_draws + 1`` candidates in one call: ``theta``, the plus points, the minus points.
+    ``2 * n_draws + 1`` candidates in one call: ``theta``, the plus points, the minus points;
+    with ``query_theta=False`` (BlackVIP, ``trainers/blackvip.py`` ``spsa_grad_estimate_bi``,
+    which never evaluates ``theta`` itself) only the ``2 * n_draws`` perturbed points, and the
+    loss reported is the mean of the last pair, ``(L(theta + c_k D) + L(theta - c_k D)) / 2``
+    (with its graph, so a linear label map still learns from it).
     Both distributions give ``E[g] = grad + O(c_k^2)`` (the sign of ``D_j`` is independent of
     ``D_i``). For the gradient correction and the step schedule see :func:`spsa_gc_optimizer`.
     """
@@ -229,10 +239,11 @@ class SPSAEstimator(GradientEstimator):
 
     def __init__(
         self,
-        c: float = 0.01,
-        gamma: float = 0.1,
-        n_draws: int = 1,
+        c: float = ESTIMATOR["spsa"]["c"],
+        gamma: float = ESTIMATOR["spsa"]["gamma"],
+        n_draws: int = ESTIMATOR["spsa"]["n_draws"],
         dist: PerturbationKind = "segmented",
+        query_theta: bool = ESTIMATOR["spsa"]["query_theta"],
         *,
         seed: int,
     ) -> None:
@@ -243,11 +254,14 @@ class SPSAEstimator(GradientEstimator):
         _positive("n_draws", n_draws, integer=True)
         if dist not in get_args(PerturbationKind):
             raise ConfigError(f"expected dist in {get_args(PerturbationKind)}, got {dist!r}")
+        if not isinstance(query_theta, bool):
+            raise ConfigError(f"expected query_theta a bool, got {query_theta!r}")
         self.c, self.gamma, self.n_draws, self.dist = float(c), float(gamma), n_draws, dist
+        self.query_theta = query_theta
 
     @property
     def queries_per_step(self) -> int:
-        return 2 * self.n_draws + 1
+        return 2 * self.n_draws + int(self.query_theta)
 
     def c_k(self, k: int) -> float:
         """Perturbation size at call ``k`` (1-based)."""
@@ -267,16 +281,25 @@ class SPSAEstimator(GradientEstimator):
         ck = self.c_k(self.step)
         pert = self._draw(n, d, theta)
         dirs = pert.view(n, *theta.shape)
-        candidates = torch.cat([theta[None], theta[None] + ck * dirs, theta[None] - ck * dirs])
-        losses = self._evaluate(objective, candidates)
+        parts = [theta[None] + ck * dirs, theta[None] - ck * dirs]
+        if self.query_theta:
+            parts.insert(0, theta[None])
+        losses = self._evaluate(objective, torch.cat(parts))
+        first = int(self.query_theta)
         flat = losses.detach().to(pert.dtype)
-        slopes = (flat[1 : n + 1] - flat[n + 1 :]) / (2 * ck)
+        slopes = (flat[first : first + n] - flat[first + n :]) / (2 * ck)
         grad = (slopes[:, None] / pert).mean(dim=0)
-        return losses[0], grad
+        if self.query_theta:
+            return losses[0], grad
+        return (losses[first + n - 1] + losses[-1]) / 2, grad
 
 
 def spsa_gc_optimizer(
-    params: Any, a: float = 0.01, alpha: float = 0.4, o: float = 1.0, beta: float = 0.9
+    params: Any,
+    a: float = 0.01,
+    alpha: float = SPSA_GC["alpha"],
+    o: float = SPSA_GC["o"],
+    beta: float = SPSA_GC["beta"],
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
     """SPSA-GC's update (BlackVIP, Oh et al. 2023) as a torch optimizer and schedule.
 

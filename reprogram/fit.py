@@ -126,7 +126,8 @@ class Fitter:
         self.train, self.val, self.test = data.split(cfg.val_fraction, cfg.test_fraction,
                                                      cfg.seed)
         info = oracle.info
-        program = build_program(cfg.program_spec(info.input_size), seed=cfg.seed)
+        spec = cfg.program_spec(info.input_size, native_size=min(data.images.shape[2:]))
+        program = build_program(spec, seed=cfg.seed)
         labelmap = build_labelmap(cfg.labelmap_spec(info.num_classes, data.num_classes))
         self.model = Reprogrammer(program, labelmap, floor=cfg.floor,
                                   weight_penalty=cfg.weight_penalty).to(oracle.device)
@@ -150,8 +151,8 @@ class Fitter:
         self.total_steps, self.eval_every = plan(cfg, per_step, n_train, len(self.val),
                                                  lm_cost)
         head = list(labelmap.parameters())
-        self.optimizer, self.scheduler = cfg.build_optimizer(program.theta, head,
-                                                             self.total_steps)
+        self.optimizer, self.scheduler = cfg.build_optimizer(
+            program.theta, head, self.total_steps, math.ceil(n_train / cfg.batch_size))
         self.state = _State()
         self.state.data_gen.manual_seed(cfg.seed + 1)
         # seconds per phase, model queries apart (see _phase); not saved in checkpoints
@@ -237,7 +238,8 @@ class Fitter:
         lm = self.model.labelmap
         if s.batch_idx == 0 and lm.needs_fit and (s.epoch == 0 or lm.refit_every_epoch):
             with self._phase("labelmap_fit"):
-                self.model.fit_labelmap(self.train.images, self.train.labels, self.oracle)
+                self.model.fit_labelmap(self.train.images, self.train.labels, self.oracle,
+                                        score=self.cfg.labelmap_score)
         return perm
 
     def run(self, callback: Callback | None = None) -> str:
@@ -263,7 +265,7 @@ class Fitter:
                 return "budget"
             with self._phase("estimator"):
                 objective = self.model.objective(self.x_train[idx], self.y_train[idx],
-                                                  self.oracle)
+                                                  self.oracle, loss=cfg.loss)
                 loss, grad = self.estimator.value_and_grad(objective,
                                                            self.model.program.theta)
             with self._phase("optimizer"):

@@ -31,6 +31,7 @@ from reprogram.errors import ConfigError, DataError, spec_fields
 __all__ = [
     "LabelMap",
     "LabelMapKind",
+    "LabelMapScore",
     "LabelMapSpec",
     "ScoreKind",
     "build_labelmap",
@@ -41,6 +42,10 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 LabelMapKind = Literal["first", "random", "frequency", "iterative", "linear"]
+# how a frequency map scores (source, target) pairs: top-1 counts (ILM-VP), or the mean
+# probability of a source among an image's top-k predictions (BAR's code)
+LabelMapScore = Literal["top1", "top-prob"]
+BAR_TOP_K = 30  # BAR adv_reprogramming.py: tf.math.top_k(self.imagenet_prob, 30)
 ScoreKind = Literal["probs", "logits", "topk", "label"]
 
 
@@ -246,9 +251,20 @@ class LabelMap(nn.Module):
         if t.numel() and (int(t.min()) < 0 or int(t.max()) >= k_t):
             raise DataError(f"expected target labels in [0, {k_t}), got out-of-range values")
         freq = torch.bincount(s * k_t + t, minlength=k_s * k_t).view(k_s, k_t)
-        assignment = greedy_assignment(freq, self.spec.sources_per_target)
-        self.assignment.copy_(assignment.to(self.assignment.device))
+        self.fit_matrix(freq)
         logger.debug("fitted %s label map on %d images", self.spec.kind, s.numel())
+
+    @torch.no_grad()
+    def fit_matrix(self, score: Tensor) -> None:
+        """Fit ``frequency``/``iterative`` maps from a score matrix ``[K_s, K_t]`` by
+        :func:`greedy_assignment`."""
+        if not self.needs_fit:
+            raise ConfigError(
+                f"expected a label map kind in ('frequency', 'iterative') for fit, "
+                f"got {self.spec.kind!r}"
+            )
+        assignment = greedy_assignment(score, self.spec.sources_per_target)
+        self.assignment.copy_(assignment.to(self.assignment.device))
 
     @torch.no_grad()
     def as_matrix(self) -> Tensor:
@@ -273,6 +289,26 @@ class LabelMap(nn.Module):
 
     def extra_repr(self) -> str:
         return f"spec={self.spec}"
+
+
+def top_prob_matrix(probs: Tensor, target_labels: Tensor, num_target: int,
+                    k: int = BAR_TOP_K) -> Tensor:
+    """BAR's mapping scores ``[K_s, K_t]``: for target class ``t`` and source class ``s``, the
+    mean probability of ``s`` over the images of class ``t`` that have ``s`` among their top
+    ``k`` predictions (0 where it never is); ``adv_reprogramming.py`` sums the top-30 values per
+    class and ``mapping_func.freq_idx_search`` divides by their count. ``probs`` are ``[N, K_s]``
+    source probabilities, ``k`` is capped at ``K_s``."""
+    if probs.dim() != 2 or target_labels.shape != probs.shape[:1]:
+        raise DataError(f"expected probs [N, K_s] and labels [N], got {tuple(probs.shape)} and "
+                        f"{tuple(target_labels.shape)}")
+    k_s = probs.shape[1]
+    values, idx = probs.detach().to(torch.float64).topk(min(k, k_s), dim=-1)
+    cols = target_labels.detach().to(torch.long)[:, None].expand_as(idx)
+    flat = (idx * num_target + cols).reshape(-1)
+    total = torch.zeros(k_s * num_target, dtype=torch.float64).index_add_(
+        0, flat, values.reshape(-1))
+    count = torch.bincount(flat, minlength=k_s * num_target).to(torch.float64)
+    return (total / count.clamp(min=1)).view(k_s, num_target)
 
 
 def build_labelmap(spec: LabelMapSpec) -> LabelMap:

@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from reprogram.estimators import Objective
-from reprogram.labelmaps import LabelMap, ScoreKind, to_log_scores
+from reprogram.labelmaps import LabelMap, LabelMapScore, ScoreKind, to_log_scores, top_prob_matrix
+from reprogram.losses import LossSpec
 from reprogram.oracles import Oracle
 from reprogram.programs import Program
 
@@ -34,25 +35,32 @@ class Reprogrammer(nn.Module):
         """Raw target images (uint8 or [0,1]) -> the program's input ``[N,3,inner,inner]``."""
         return self.program.input_transform(images).to(self.program.theta.device)
 
-    def candidate_logits(self, x_t: Tensor, thetas: Tensor, oracle: Oracle) -> Tensor:
-        """Target logits ``[P, N, K_t]`` for P candidate programs, in ONE oracle query."""
+    def candidate_logits(self, x_t: Tensor, thetas: Tensor, oracle: Oracle,
+                         log_probs: bool = False) -> Tensor:
+        """Target logits ``[P, N, K_t]`` for P candidate programs, in ONE oracle query;
+        ``log_probs=True`` normalizes the source scores first, so a discrete map returns the
+        log of its mean source probability (what BAR's focal loss reads)."""
         frames = self.program.render_candidates(x_t, thetas)
         p, n = frames.shape[:2]
         scores = oracle.query(frames.flatten(0, 1))
         kind: ScoreKind = oracle.info.base_kind
         log_scores = to_log_scores(scores, kind, self.floor).view(p, n, -1)
+        if log_probs:
+            log_scores = F.log_softmax(log_scores, dim=-1)
         return self.labelmap(log_scores, oracle.info.active_classes)
 
-    def objective(self, x_t: Tensor, labels: Tensor, oracle: Oracle) -> Objective:
-        """Mean cross-entropy per candidate (plus ``weight_penalty * ||theta||^2``),
-        ``thetas [P,...] -> losses [P]``."""
+    def objective(self, x_t: Tensor, labels: Tensor, oracle: Oracle,
+                  loss: LossSpec | None = None) -> Objective:
+        """Mean loss per candidate (cross-entropy unless ``loss`` says otherwise, plus
+        ``weight_penalty * ||theta||^2``), ``thetas [P,...] -> losses [P]``."""
+        spec = loss or LossSpec()
 
         def losses(thetas: Tensor) -> Tensor:
-            logits = self.candidate_logits(x_t, thetas, oracle)
+            logits = self.candidate_logits(x_t, thetas, oracle, log_probs=spec.needs_log_probs)
             p, n = logits.shape[:2]
             target = labels.to(logits.device).repeat(p)
-            ce = F.cross_entropy(logits.flatten(0, 1), target, reduction="none")
-            loss = ce.view(p, n).mean(dim=1)
+            per_sample = spec(logits.flatten(0, 1), target)
+            loss = per_sample.view(p, n).mean(dim=1)
             if self.weight_penalty:
                 loss = loss + self.weight_penalty * thetas.pow(2).flatten(1).sum(1)
             return loss
@@ -93,7 +101,13 @@ class Reprogrammer(nn.Module):
 
     @torch.no_grad()
     def fit_labelmap(self, images: Tensor, labels: Tensor, oracle: Oracle,
-                     batch_size: int = 256) -> None:
-        """Frequency label mapping under the current program (BAR / ILM-VP)."""
+                     batch_size: int = 256, score: LabelMapScore = "top1") -> None:
+        """Frequency label mapping under the current program: on top-1 counts (ILM-VP), or
+        on the mean top-k probability (``score="top-prob"``, BAR's code)."""
         scores = self.source_scores(images, oracle, batch_size)
-        self.labelmap.fit(scores.argmax(-1).cpu(), labels.cpu())
+        if score == "top1":
+            self.labelmap.fit(scores.argmax(-1).cpu(), labels.cpu())
+            return
+        probs = F.softmax(to_log_scores(scores, oracle.info.base_kind, self.floor), dim=-1)
+        self.labelmap.fit_matrix(top_prob_matrix(probs.cpu(), labels.cpu(),
+                                                 self.labelmap.spec.num_target))
