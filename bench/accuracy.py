@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from bench.accuracy_report import plot, summarize, table
+from bench.accuracy_report import plot, ranking_lines, summarize, table
 from reprogram.config import FitConfig
 from reprogram.data import load_dataset
 from reprogram.defaults import RECOMMENDED
@@ -305,6 +305,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"accuracy on {args.data} ({where}), validation mean / test mean ± std over seeds "
           f"{seeds}:")
     print(table(summary))
+    print("\n".join(ranking_lines(summary)))
     print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.png')} "
           f"in {record['seconds']}s")
     if failures:

@@ -49,6 +49,19 @@ def ranked(summary: Sequence[dict[str, Any]], budget: int, wire: str = "uint8"
     return sorted(cells, key=lambda s: -s["val_mean"])
 
 
+def ranking_lines(summary: Sequence[dict[str, Any]]) -> list[str]:
+    """Per wire and budget, the methods ranked by mean validation accuracy (test beside)."""
+    lines = []
+    for wire in dict.fromkeys(s["wire"] for s in summary):
+        for budget in sorted({s["budget"] for s in summary}):
+            cells = ranked(summary, budget, wire)
+            lines.append(f"ranked by validation accuracy, {budget:,} queries, {wire} wire "
+                         "(validation / test):")
+            lines += [f"  {i:>2}. {c['method']:<26} {c['val_mean']:.3f} / {c['mean']:.3f}"
+                      for i, c in enumerate(cells, 1)]
+    return lines
+
+
 def table(summary: Sequence[dict[str, Any]]) -> str:
     """One line per method; per wire and budget ``val / test mean ± test std``."""
     budgets = sorted({s["budget"] for s in summary})

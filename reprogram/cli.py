@@ -17,9 +17,11 @@ import torch
 from reprogram.endpoint_args import add_endpoint_args, http_oracle, wire
 from reprogram.errors import ReprogramError
 from reprogram.http_transport import SERVE_RETRY
+from reprogram.presets import PRESETS
 from reprogram.serving import add_serve_parser, cmd_serve
 
 log = logging.getLogger("reprogram")
+PRESET_NAMES = tuple(PRESETS)
 EXIT_USAGE, EXIT_ERROR, EXIT_INTERRUPTED = 2, 1, 130
 
 
@@ -64,6 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(f)
     f.add_argument("--data", required=True, help="'digits', 'squares' or a class-per-folder dir")
     f.add_argument("--out", default="prompt.safetensors", help="artifact path")
+    f.add_argument("--preset", default=None, choices=PRESET_NAMES,
+                   help="an anchor method with every setting as its paper's code sets it "
+                        "(bar-code, bar-port, blackvip-vp: black-box; elsayed, bahng-pad, "
+                        "bahng-patch, ilm-vp: white-box); options given here override it")
     f.add_argument("--program", default=None,
                    choices=("expand", "add-pad", "add-patch", "mask", "patch", "full", "pad"),
                    help="expand: sigmoid border around a shrunk image (ILM-VP); add-pad / "
@@ -87,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--labelmap", default=None,
                    choices=("first", "random", "frequency", "iterative", "linear"),
                    help="source-to-target label mapping (default: linear, learned)")
-    f.add_argument("--sources-per-target", type=int, default=1)
+    f.add_argument("--sources-per-target", type=int, default=None)
     f.add_argument("--estimator", choices=("autograd", "rgf", "spsa"), default=None,
                    help="gradient estimator (default: autograd for a local model, rgf for "
                         "an endpoint or an ONNX model)")

@@ -53,12 +53,12 @@ def capped_budget(budget: int | None) -> int | None:
 
 
 def fit_config_from_args(args: argparse.Namespace, differentiable: bool = True) -> FitConfig:
-    """The fit config of ``reprogram fit``; the estimator defaults to autograd on a
-    differentiable local model and to rgf on an endpoint or an ONNX model."""
-    estimator = args.estimator or ("rgf" if args.endpoint or not differentiable else "autograd")
+    """The fit config of ``reprogram fit``: ``--preset NAME`` (an anchor method, every value
+    as its paper's code sets it), or the recommended defaults, where the estimator defaults to
+    autograd on a differentiable local model and to rgf on an endpoint or an ONNX model; the
+    options given on the command line override either."""
     checkpoint = args.checkpoint or str(Path(args.out).with_suffix(".ckpt"))
-    return recommended_config(
-        estimator,
+    options = dict(
         program=args.program, inner_size=args.inner_size, resolution=args.resolution,
         labelmap=args.labelmap, sources_per_target=args.sources_per_target,
         q=args.q, mu=args.mu, antithetic=args.antithetic, spsa_c=args.spsa_c,
@@ -66,8 +66,15 @@ def fit_config_from_args(args: argparse.Namespace, differentiable: bool = True) 
         budget=capped_budget(args.budget), eval_every=args.eval_every, seed=args.seed,
         val_fraction=args.val_fraction, test_fraction=args.test_fraction,
         checkpoint=checkpoint, checkpoint_every=args.checkpoint_every,
-        weight_penalty=args.weight_penalty,
+        weight_penalty=args.weight_penalty, estimator=args.estimator,
     )
+    if getattr(args, "preset", None):
+        from reprogram.presets import preset_config
+
+        return preset_config(args.preset, **options)
+    estimator = args.estimator or ("rgf" if args.endpoint or not differentiable else "autograd")
+    del options["estimator"]
+    return recommended_config(estimator, **options)
 
 
 def _scale(args: argparse.Namespace, cfg: FitConfig, oracle: Oracle,

@@ -100,6 +100,7 @@ def _bar_code() -> Preset:
                            "mapping_func.py freq_idx_search divides by their count",
          "loss": "adv_reprogramming.py: cal_func.multi_focal_loss(4, 0.8, y, freq_prob)",
          "optimizer": "adv_reprogramming.py: tf.train.AdamOptimizer(0.01)",
+         "lr": "adv_reprogramming.py: tf.train.AdamOptimizer(0.01)",
          "schedule": "adv_reprogramming.py: polynomial_decay(0.01 -> 0.001) is computed and "
                      "printed but never given to the optimizer: constant 0.01",
          "batch_size": "adv_reprogramming.py: self.batchsize = 10",
@@ -133,6 +134,7 @@ def _bar_port() -> Preset:
          "mu": "vit_b16.yaml: TRAINER.BAR.SMOOTH 0.01",
          "loss": "trainers/reprogramming.py: FocalLoss(FOCAL_G), vit_b16.yaml FOCAL_G 2.0",
          "optimizer": "trainers/reprogramming.py: w_new = w - ak * ghat (no momentum)",
+         "momentum": "trainers/reprogramming.py: w_new = w - ak * ghat (no momentum)",
          "lr": "vit_b16.yaml: TRAINER.BAR.LRS [10.0, 0.1]",
          "schedule": "trainers/reprogramming.py: (init - min)(1 - t / (0.9 T))^0.9 + min",
          "batch_size": "vit_b16.yaml: DATALOADER.TRAIN_X.BATCH_SIZE 128"},
@@ -157,6 +159,10 @@ def _blackvip_vp() -> Preset:
          "spsa_c": "VPOUR/vit_b16.yaml SPSA_PARAMS [o 1.0, c 0.01, a 40.0, alpha 0.5, "
                    "gamma 0.1]",
          "spsa_draws": "VPOUR/vit_b16.yaml: SP_AVG 5",
+         "estimator": "trainers/vpour.py spsa_grad_estimate_bi: two-sided SPSA, segmented "
+                      "uniform perturbations",
+         "optimizer": "VPOUR/vit_b16.yaml: OPT_TYPE spsa-gc",
+         "spsa_alpha": "SPSA_PARAMS alpha 0.5 (ak = a / (step + o)^alpha)",
          "spsa_query_theta": "trainers/vpour.py spsa_grad_estimate_bi: only w + ck*D and "
                              "w - ck*D are evaluated",
          "momentum": "VPOUR/vit_b16.yaml: MOMS 0.9 (m = b1 m + g; w -= ak (g + b1 m))",
@@ -183,6 +189,8 @@ def _elsayed() -> Preset:
         {"program": "Elsayed et al. 2019, Sec. 3: X_adv = h_f(X~ + tanh(W * M)), the target "
                     "image embedded unscaled in the centre",
          "labelmap": "Sec. 3: the first K_t ImageNet labels stand for the target classes",
+         "estimator": "Sec. 3: gradients through the network (white-box)",
+         "inner_size": "Sec. 3: the target image embedded at its own size, no resizing",
          "weight_penalty": "Sec. 3: argmin -log P(h_g(y) | X_adv) + lambda ||W||_F^2",
          "optimizer": "Sec. 4: Adam", "lr": "appendix hyper-parameter table (MNIST)",
          "schedule": "appendix: learning rate decay 0.96 every 2 epochs",
@@ -206,6 +214,8 @@ def _bahng(kind: str) -> Preset:
          "patch_ratio": "main_clip.py: --prompt_size 30, --image_size 224",
          "init_std": "prompters.py: torch.randn (std 1 in CLIP's normalized space)",
          "optimizer": "main_clip.py: torch.optim.SGD(momentum=0.9, weight_decay=0)",
+         "estimator": "main_clip.py: loss.backward() through CLIP (white-box)",
+         "labelmap": "no label map in the source (CLIP's text head); see deviations",
          "lr": "main_clip.py: --learning_rate 40 (normalized space)",
          "schedule": "main_clip.py: cosine_lr(optimizer, lr, warmup=1000, total_steps)",
          "batch_size": "main_clip.py: --batch_size 256"},
@@ -231,6 +241,8 @@ def _ilm_vp() -> Preset:
          "labelmap": "ilm_vp.py: generate_label_mapping_by_frequency every epoch "
                      "(--mapping-interval 1)",
          "optimizer": "ilm_vp.py: torch.optim.Adam, --lr 0.01",
+         "lr": "ilm_vp.py: --lr default 0.01",
+         "estimator": "ilm_vp.py: scaler.scale(loss).backward() (white-box)",
          "schedule": "ilm_vp.py: MultiStepLR(milestones=[0.5 * epochs, 0.72 * epochs], "
                      "gamma=0.1)",
          "batch_size": "data/prepare_data.py: batch size 128"},

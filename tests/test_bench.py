@@ -31,7 +31,7 @@ def test_accuracy_quick_prints_table_and_writes_json_and_png(tmp_path: Path) -> 
     rows = {line.split()[0]: line for line in stdout.splitlines()
             if line.split() and line.split()[0] in ("white-box", "ours")}
     assert set(rows) == {"white-box", "ours"}
-    assert re.search(r"method\s+4,000", stdout)
+    assert re.search(r"method\s+uint8 4,000", stdout)
 
     record = json.loads(out.with_suffix(".json").read_text())
     assert {"data", "oracle", "seeds", "budgets", "rows", "summary", "seconds"} <= set(record)
@@ -46,6 +46,13 @@ def test_accuracy_quick_prints_table_and_writes_json_and_png(tmp_path: Path) -> 
         assert 0.0 <= s["min"] <= s["mean"] <= s["max"] <= 1.0 and s["n"] == 1
         assert f"{s['mean']:.3f}" in rows[s["method"]]  # the table prints the JSON's figures
     assert summary["white-box"]["mean"] > 0.2  # above chance (10 classes)
+    # the ranking a sweep reads is by validation accuracy, test beside it
+    head = stdout.index("ranked by validation accuracy, 4,000 queries, uint8 wire")
+    ranked = re.findall(r"^\s+\d+\. (\S+)\s+([\d.]+) / ([\d.]+)$", stdout[head:], re.M)
+    assert [m for m, _, _ in ranked] == sorted(summary, key=lambda m: -summary[m]["val_mean"])
+    for method, val, test in ranked:
+        assert val == f"{summary[method]['val_mean']:.3f}"
+        assert test == f"{summary[method]['mean']:.3f}"
 
     with Image.open(out.with_suffix(".png")) as img:
         assert img.format == "PNG" and img.width > 100 and img.height > 100
