@@ -113,7 +113,7 @@ class FitConfig:
         value = getattr(self, name)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int)
                                   or value < 1):
-            raise ConfigError(f"expected {name} an int >= 1 or 'native', got {value!r}")
+            raise ConfigError(f"expected {name} >= 1 (an int, or 'native'), got {value!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -1,10 +1,12 @@
 """Gradient estimators: ``value_and_grad(objective, theta) -> (loss, grad)``.
 
 An *objective* maps a batch of ``P`` candidate parameter tensors ``thetas [P, *theta_shape]``
-to losses ``[P]`` with ONE batched oracle call. The loss at index 0 is always the loss at
-``theta`` itself and may carry an autograd graph to label-map parameters (the ``linear`` map):
-estimators return it attached, so the fit loop can ``loss.backward()`` for the label map, then
-write ``grad`` into ``theta.grad`` and step one torch optimizer (DESIGN.md section 8.2).
+to losses ``[P]`` with ONE batched oracle call. The loss at index 0 is the loss at ``theta``
+itself (SPSA with ``query_theta=False`` never evaluates ``theta`` and reports the mean of a
+perturbed pair instead); losses may carry an autograd graph to label-map parameters (the
+``linear`` map): estimators return the reported loss attached, so the fit loop can
+``loss.backward()`` for the label map, then write ``grad`` into ``theta.grad`` and step one
+torch optimizer (DESIGN.md section 8.2).
 
 Kinds:
 

@@ -244,3 +244,29 @@ def test_budget_cap_changes_nothing_unless_set(monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.setenv(BUDGET_CAP_ENV, "many")
     with pytest.raises(ConfigError, match="expected an integer in \\$REPROGRAM_BUDGET_CAP"):
         capped_budget(100_000)
+
+
+def _tables(text: str) -> list[list[list[str]]]:
+    """Markdown tables of ``text``: rows of cells, the header first."""
+    tables, current = [], []
+    for line in text.splitlines():
+        if line.startswith("|"):
+            if not set(line) <= set("|- "):
+                current.append([c.strip() for c in line.strip().strip("|").split("|")])
+        elif current:
+            tables.append(current)
+            current = []
+    return tables + ([current] if current else [])
+
+
+def test_every_sweep_table_ranks_by_validation_accuracy() -> None:
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("**The sweep that chose the defaults**"):]
+    section = section[: section.index("The learned linear label map matters most")]
+    sweeps = _tables(section)
+    assert len(sweeps) >= 3
+    for table in sweeps:
+        header, rows = table[0], table[1:]
+        assert header[1].startswith("validation") and header[2].startswith("test"), header
+        values = [float(row[1].strip("*")) for row in rows]
+        assert values == sorted(values, reverse=True), f"not ranked by validation: {header}"
