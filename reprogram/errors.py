@@ -8,7 +8,9 @@ got, and what to do.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 
 class ReprogramError(Exception):
@@ -70,6 +72,32 @@ class BudgetExhausted(ReprogramError, RuntimeError):
 
 class EstimatorError(ReprogramError, TypeError):
     """An estimator was combined with an oracle it cannot use."""
+
+
+def check_int(name: str, value: object, minimum: int) -> int:
+    """``value`` if it is an int (not a bool) of at least ``minimum``, else
+    :class:`ConfigError` saying which."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"expected {name} to be an int, got {type(value).__name__} {value!r}")
+    if value < minimum:
+        raise ConfigError(f"expected {name} >= {minimum}, got {value}")
+    return value
+
+
+def coerce_spec(cls: type[T], value: object, what: str) -> T:
+    """A frozen spec of dataclass ``cls`` from a spec, its dict (as in a saved config), or a
+    bare kind name (its ``kind`` field); :class:`ConfigError` on unknown fields."""
+    if isinstance(value, cls):
+        return value
+    if isinstance(value, str):
+        return cls(kind=value)  # type: ignore[call-arg]
+    if isinstance(value, Mapping):
+        fields = cls.__dataclass_fields__  # type: ignore[attr-defined]
+        unknown = sorted(set(value) - set(fields))
+        if unknown:
+            raise ConfigError(f"expected {what} fields among {sorted(fields)}, got {unknown}")
+        return cls(**value)
+    raise ConfigError(f"expected a {what} kind or spec, got {type(value).__name__}")
 
 
 def spec_fields(name: str, d: object, known: Iterable[str],

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from reprogram.errors import ConfigError, DataError, spec_fields
+from reprogram.errors import ConfigError, DataError, check_int, spec_fields
 
 __all__ = [
     "LabelMap",
@@ -68,14 +68,6 @@ def to_log_scores(scores: Tensor, kind: ScoreKind, floor: float = 1e-6) -> Tenso
     return torch.log(scores.clamp(min=floor))
 
 
-def _check_int(name: str, value: object, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ConfigError(f"expected {name} to be an int, got {type(value).__name__} {value!r}")
-    if value < minimum:
-        raise ConfigError(f"expected {name} >= {minimum}, got {value}")
-    return value
-
-
 @dataclass(frozen=True, kw_only=True)
 class LabelMapSpec:
     """Configuration of a :class:`LabelMap` (JSON-safe via ``to_dict``).
@@ -103,10 +95,10 @@ class LabelMapSpec:
         """Raise :class:`ConfigError` unless the spec describes a buildable label map."""
         if self.kind not in get_args(LabelMapKind):
             raise ConfigError(f"expected kind in {get_args(LabelMapKind)}, got {self.kind!r}")
-        k_s = _check_int("num_source", self.num_source, 1)
-        k_t = _check_int("num_target", self.num_target, 1)
-        m = _check_int("sources_per_target", self.sources_per_target, 1)
-        _check_int("seed", self.seed, 0)
+        k_s = check_int("num_source", self.num_source, 1)
+        k_t = check_int("num_target", self.num_target, 1)
+        m = check_int("sources_per_target", self.sources_per_target, 1)
+        check_int("seed", self.seed, 0)
         if self.kind == "linear":
             if m != 1:
                 raise ConfigError(f"expected sources_per_target=1 for a linear map, got {m}")

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from reprogram.errors import ConfigError
+from reprogram.errors import ConfigError, coerce_spec
 
 LossKind = Literal["ce", "focal", "focal-bar"]
 
@@ -64,18 +64,8 @@ class LossSpec:
 
     @classmethod
     def coerce(cls, value: LossSpec | Mapping[str, Any] | str) -> LossSpec:
-        """A spec from a spec, its dict, or a bare kind name."""
-        if isinstance(value, LossSpec):
-            return value
-        if isinstance(value, str):
-            return cls(kind=value)  # type: ignore[arg-type]
-        if isinstance(value, Mapping):
-            unknown = sorted(set(value) - set(cls.__dataclass_fields__))
-            if unknown:
-                raise ConfigError(f"expected loss fields among "
-                                  f"{sorted(cls.__dataclass_fields__)}, got {unknown}")
-            return cls(**value)
-        raise ConfigError(f"expected a loss kind or spec, got {type(value).__name__}")
+        """A spec from a spec, its dict (as in a saved config), or a bare kind name."""
+        return coerce_spec(cls, value, "loss")
 
     def __call__(self, logits: Tensor, target: Tensor) -> Tensor:
         """Per-sample loss ``[M]`` of target logits ``[M, K]`` and labels ``[M]``."""

@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from reprogram.errors import ConfigError, DataError, spec_fields
+from reprogram.errors import ConfigError, DataError, check_int, spec_fields
 
 __all__ = [
     "KIND_ALIASES",
@@ -68,14 +68,6 @@ def canonical_kind(kind: object) -> object:
     return KIND_ALIASES.get(kind, kind) if isinstance(kind, str) else kind
 
 
-def _check_int(name: str, value: object, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ConfigError(f"expected {name} to be an int, got {type(value).__name__} {value!r}")
-    if value < minimum:
-        raise ConfigError(f"expected {name} >= {minimum}, got {value}")
-    return value
-
-
 def _resize(x: Tensor, size: tuple[int, int]) -> Tensor:
     """Bilinear resize of ``[N, C, h, w]`` to ``size``; antialiased when downsampling."""
     if tuple(x.shape[-2:]) == size:
@@ -96,7 +88,7 @@ class InputTransform:
     inner_size: int
 
     def __post_init__(self) -> None:
-        _check_int("inner_size", self.inner_size, 1)
+        check_int("inner_size", self.inner_size, 1)
 
     def __call__(self, x: Tensor) -> Tensor:
         if x.dim() != 4 or x.shape[1] not in (1, 3):
@@ -172,10 +164,10 @@ class ProgramSpec:
         fs = self.frame_size
         if not isinstance(fs, tuple) or len(fs) != 2:
             raise ConfigError(f"expected frame_size as a tuple (H, W), got {fs!r}")
-        h = _check_int("frame_size[0]", fs[0], 1)
-        w = _check_int("frame_size[1]", fs[1], 1)
-        inner = _check_int("inner_size", self.inner_size, 1)
-        patch = _check_int("patch_size", self.patch_size, 1)
+        h = check_int("frame_size[0]", fs[0], 1)
+        w = check_int("frame_size[1]", fs[1], 1)
+        inner = check_int("inner_size", self.inner_size, 1)
+        patch = check_int("patch_size", self.patch_size, 1)
         if self.kind in BORDER_KINDS and inner >= min(h, w):
             raise ConfigError(
                 f"expected inner_size < min(frame_size) = {min(h, w)} for a {self.kind} "
@@ -196,7 +188,7 @@ class ProgramSpec:
         if self.kind in ("patch", "add-patch") and patch > min(h, w):
             raise ConfigError(f"expected patch_size <= min(frame_size) = {min(h, w)}, got {patch}")
         if self.resolution is not None:
-            res = _check_int("resolution", self.resolution, 1)
+            res = check_int("resolution", self.resolution, 1)
             limit = patch if self.kind in ("patch", "add-patch") else min(h, w)
             if res > limit:
                 raise ConfigError(f"expected resolution <= {limit} (no downsampling), got {res}")

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from reprogram.errors import ConfigError, DataError
+from reprogram.errors import ConfigError, DataError, check_int
 from reprogram.pixels import clamp01
 from reprogram.program_spec import (
     KIND_ALIASES,
@@ -37,7 +37,6 @@ from reprogram.program_spec import (
     MaskKind,
     ProgramKind,
     ProgramSpec,
-    _check_int,
     _resize,
     grid_shape,
 )
@@ -233,7 +232,7 @@ class Program(nn.Module):
 def build_program(spec: ProgramSpec, seed: int = 0) -> Program:
     """Build a :class:`Program`; theta ~ ``N(0, init_std^2)`` from ``torch.Generator(seed)``."""
     spec.validate()
-    _check_int("seed", seed, 0)
+    check_int("seed", seed, 0)
     theta = torch.zeros(spec.theta_shape)
     if spec.init_std > 0:
         gen = torch.Generator().manual_seed(seed)

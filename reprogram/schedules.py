@@ -23,7 +23,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any, Literal, get_args
 
-from reprogram.errors import ConfigError
+from reprogram.errors import ConfigError, coerce_spec
 
 ScheduleKind = Literal["constant", "cosine", "warmup-cosine", "poly", "multistep", "exponential"]
 
@@ -66,17 +66,7 @@ class ScheduleSpec:
     @classmethod
     def coerce(cls, value: ScheduleSpec | Mapping[str, Any] | str) -> ScheduleSpec:
         """A spec from a spec, its dict (as in a saved config), or a bare kind name."""
-        if isinstance(value, ScheduleSpec):
-            return value
-        if isinstance(value, str):
-            return cls(kind=value)  # type: ignore[arg-type]
-        if isinstance(value, Mapping):
-            unknown = sorted(set(value) - set(cls.__dataclass_fields__))
-            if unknown:
-                raise ConfigError(f"expected schedule fields among "
-                                  f"{sorted(cls.__dataclass_fields__)}, got {unknown}")
-            return cls(**value)
-        raise ConfigError(f"expected a schedule kind or spec, got {type(value).__name__}")
+        return coerce_spec(cls, value, "schedule")
 
     def factor(self, total_steps: int, steps_per_epoch: int,
                lr: float) -> Callable[[int], float]:
