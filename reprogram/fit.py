@@ -138,6 +138,7 @@ class Fitter:
         self.x_train = self.model.transform(self.train.images)
         self.y_train = self.train.labels.to(oracle.device)
         n_train = len(self.train)
+        self.steps_per_epoch = math.ceil(n_train / cfg.batch_size)
         per_step = self.estimator.queries_per_step * min(cfg.batch_size, n_train)
         lm_cost = n_train if labelmap.needs_fit else 0
         # a step is taken only while a final validation stays affordable (see run())
@@ -147,12 +148,12 @@ class Fitter:
                               f"of {len(self.val)}, a label-map fit of {lm_cost} and one step "
                               f"of {per_step}), got {cfg.budget}")
         if labelmap.refit_every_epoch:  # one more pass over the training set per epoch
-            per_step += math.ceil(n_train / math.ceil(n_train / cfg.batch_size))
+            per_step += math.ceil(n_train / self.steps_per_epoch)
         self.total_steps, self.eval_every = plan(cfg, per_step, n_train, len(self.val),
                                                  lm_cost)
         head = list(labelmap.parameters())
         self.optimizer, self.scheduler = cfg.build_optimizer(
-            program.theta, head, self.total_steps, math.ceil(n_train / cfg.batch_size))
+            program.theta, head, self.total_steps, self.steps_per_epoch)
         self.state = _State()
         self.state.data_gen.manual_seed(cfg.seed + 1)
         # seconds per phase, model queries apart (see _phase); not saved in checkpoints
@@ -244,8 +245,7 @@ class Fitter:
 
     def run(self, callback: Callback | None = None) -> str:
         cfg, s = self.cfg, self.state
-        n = len(self.train)
-        per_epoch = math.ceil(n / cfg.batch_size)
+        per_epoch = self.steps_per_epoch
         reserve = len(self.val)
         if s.last_eval_step < 0:
             self._evaluate(None)
