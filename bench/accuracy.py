@@ -18,6 +18,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import MISSING, fields
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,7 @@ METHODS: dict[str, dict[str, Any]] = {
     # BAR's code; its 6 sources per target need 60 source classes: the default model has 10
     "bar-code": dict(PRESETS["bar-code"].values, sources_per_target=1),
     "bar-port": dict(PRESETS["bar-port"].values),
+    "blackvip": dict(PRESETS["blackvip"].values),
     "blackvip-vp": dict(PRESETS["blackvip-vp"].values),
     # white-box anchors, each on its own program
     "elsayed": dict(PRESETS["elsayed"].values),
@@ -113,9 +115,17 @@ def job_key(method: str, budget: int, seed: int, data: str, output: str, oracle:
     return json.dumps([method, budget, seed, data, output, oracle, config], sort_keys=True)
 
 
+def _plain_defaults() -> dict[str, Any]:
+    return {f.name: f.default for f in fields(FitConfig) if f.default is not MISSING}
+
+
 def row_key(row: dict[str, Any]) -> str:
+    """A recorded row's key; a field FitConfig gained after the row was written (absent from
+    its config) ran as that field's default does, so the default stands in for it."""
+    config = {**{k: v for k, v in _plain_defaults().items() if k not in row["config"]},
+              **row["config"]}
     return job_key(row["method"], row["budget"], row["seed"], row["data"], row["output"],
-                   row["oracle"], row["config"])
+                   row["oracle"], config)
 
 
 def key_of(job: dict[str, Any]) -> str:

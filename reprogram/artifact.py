@@ -34,7 +34,7 @@ from reprogram.artifact_check import (
     check_tensors,
     read_header,
 )
-from reprogram.errors import ArtifactError, ConfigError, DataError
+from reprogram.errors import ArtifactError, ConfigError, DataError, ModelError
 from reprogram.fsutil import write_atomic
 from reprogram.labelmaps import LabelMapSpec, build_labelmap
 from reprogram.pipeline import Reprogrammer
@@ -73,7 +73,10 @@ class Prompt:
 
     def build(self) -> Reprogrammer:
         """Rebuild the program and label map with the stored tensors (strictly)."""
-        program = build_program(self.program)
+        try:
+            program = build_program(self.program)
+        except ModelError as exc:  # a coordinator's encoder is missing or not the one it had
+            raise ArtifactError(f"prompt cannot run here: {exc}") from None
         labelmap = build_labelmap(self.labelmap)
         parts: dict[str, dict[str, torch.Tensor]] = {"program": {}, "labelmap": {}}
         for key, value in self.tensors.items():

@@ -68,17 +68,27 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--out", default="prompt.safetensors", help="artifact path")
     f.add_argument("--preset", default=None, choices=PRESET_NAMES,
                    help="an anchor method with every setting as its paper's code sets it "
-                        "(bar-code, bar-port, blackvip-vp: black-box; elsayed, bahng-pad, "
-                        "bahng-patch, ilm-vp: white-box); options given here override it")
+                        "(bar-code, bar-port, blackvip, blackvip-vp: black-box; elsayed, "
+                        "bahng-pad, bahng-patch, ilm-vp: white-box); options given here "
+                        "override it")
     f.add_argument("--program", default=None,
-                   choices=("expand", "add-pad", "add-patch", "mask", "patch", "full", "pad"),
+                   choices=("expand", "add-pad", "add-patch", "mask", "patch", "full",
+                            "coordinator", "pad"),
                    help="expand: sigmoid border around a shrunk image (ILM-VP); add-pad / "
                         "add-patch: border / corner patch added to the full-size image (Bahng "
                         "et al.); mask: tanh border around the image at native size (Elsayed "
                         "et al.; --weight-penalty is its lambda); patch: corner patch replacing "
-                        "the image's; full: overlay on the whole frame; pad: deprecated alias "
+                        "the image's; full: overlay on the whole frame; coordinator: BlackVIP's "
+                        "input-dependent prompt from a frozen encoder (--coordinator-encoder); "
+                        "pad: deprecated alias "
                         "of expand, removed in the next release (default: expand for autograd, "
                         "full for rgf/spsa)")
+    f.add_argument("--coordinator-encoder", default=None, metavar="MODEL",
+                   help="coordinator: the frozen local model whose features drive the "
+                        "prompt: 'default' (the zoo's, the default) or a model folder, config "
+                        "or file; the server that applies the prompt needs it too")
+    f.add_argument("--coordinator-eps", type=float, default=None, metavar="EPS",
+                   help="coordinator: the prompt's scale in pixels (default 1.0)")
     f.add_argument("--weight-penalty", type=float, default=None, metavar="LAMBDA",
                    help="add LAMBDA * ||theta||^2 to the loss (Elsayed et al.; default 0)")
     f.add_argument("--inner-size", type=int, default=None,

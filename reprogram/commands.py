@@ -67,6 +67,7 @@ def fit_config_from_args(args: argparse.Namespace, differentiable: bool = True) 
         val_fraction=args.val_fraction, test_fraction=args.test_fraction,
         checkpoint=checkpoint, checkpoint_every=args.checkpoint_every,
         weight_penalty=args.weight_penalty, estimator=args.estimator,
+        coordinator_encoder=args.coordinator_encoder, coordinator_eps=args.coordinator_eps,
     )
     if getattr(args, "preset", None):
         from reprogram.presets import preset_config

@@ -38,6 +38,8 @@ class FitConfig:
     turned into one. The estimator fields default to :data:`reprogram.defaults.ESTIMATOR`.
     ``optimizer="spsa-gc"`` has its own step-size decay ``lr / (k + spsa_o)^spsa_alpha`` and
     uses ``momentum`` as its gradient-correction ``beta``; ``schedule`` is then not used.
+    ``program="coordinator"`` (BlackVIP) takes its frozen encoder from the model named by
+    ``coordinator_encoder`` and scales its prompt by ``coordinator_eps`` (pixels).
     """
 
     program: ProgramKind = "expand"
@@ -77,6 +79,8 @@ class FitConfig:
     checkpoint_every: int = 100
     floor: float = 1e-6
     weight_penalty: float = 0.0
+    coordinator_encoder: str = "default"
+    coordinator_eps: float = 1.0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "program", canonical_kind(self.program))  # "pad" -> "expand"
@@ -99,9 +103,12 @@ class FitConfig:
         for name in ("batch_size", "eval_every", "checkpoint_every", "q", "spsa_draws"):
             if getattr(self, name) is not None and int(getattr(self, name)) < 1:
                 raise ConfigError(f"expected {name} >= 1, got {getattr(self, name)}")
-        for name in ("lr", "mu", "spsa_c"):
+        for name in ("lr", "mu", "spsa_c", "coordinator_eps"):
             if not 0 < float(getattr(self, name)) < math.inf:
                 raise ConfigError(f"expected a finite {name} > 0, got {getattr(self, name)}")
+        if not isinstance(self.coordinator_encoder, str) or not self.coordinator_encoder:
+            raise ConfigError(f"expected coordinator_encoder a model name, got "
+                              f"{self.coordinator_encoder!r}")
         if self.epochs is None and self.budget is None:
             raise ConfigError("expected epochs or budget (or both), got neither")
         if self.epochs is not None and self.epochs < 1:
@@ -143,13 +150,19 @@ class FitConfig:
             inner = max(1, side // 2) if self.program in ("expand", "mask") else side
         # a patch is a quarter of the frame's shorter side (8 px at 32, 56 px at 224); Bahng's
         # border is 30 px at 224 (hjbahng/visual_prompting main_clip.py, --prompt_size 30)
-        patch = {}
+        patch: dict[str, Any] = {}
         if self.program in ("patch", "add-patch", "add-pad"):
             if self.patch_ratio is not None:
                 size = round(side * self.patch_ratio)
             else:
                 size = round(side * 30 / 224) if self.program == "add-pad" else side // 4
             patch = {"patch_size": max(1, size)}
+        if self.program == "coordinator":  # the image fills the frame; the encoder is loaded
+            from reprogram.coordinator import resolve
+
+            return ProgramSpec(kind="coordinator", frame_size=frame_size, inner_size=side,
+                               coordinator=resolve(self.coordinator_encoder, frame_size,
+                                                   eps=self.coordinator_eps))
         return ProgramSpec(kind=self.program, frame_size=frame_size, inner_size=inner,
                            resolution=self.resolution, mask=self.mask,
                            init_std=float(self.init_std), **patch)

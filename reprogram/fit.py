@@ -263,7 +263,7 @@ class Fitter:
             cost = self.estimator.queries_per_step * len(idx)
             if not self.oracle.can_afford(cost + reserve):
                 return "budget"
-            with self._phase("estimator"):
+            with self._phase("estimator"), self.model.program.fitting():
                 objective = self.model.objective(self.x_train[idx], self.y_train[idx],
                                                   self.oracle, loss=cfg.loss)
                 loss, grad = self.estimator.value_and_grad(objective,

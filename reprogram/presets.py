@@ -37,6 +37,7 @@ METHOD_FIELDS = frozenset(f.name for f in fields(FitConfig)) - RUN_FIELDS
 
 BAR = "yunyuntsai/Black-box-Adversarial-Reprogramming@38ebe9e"
 BLACKVIP = "changdaeoh/BlackVIP@e6cfc2f"
+BLACKVIP_HEAD = "changdaeoh/BlackVIP@66606fb"
 BAHNG = "hjbahng/visual_prompting"
 ILMVP = "OPTML-Group/ILM-VP"
 
@@ -74,7 +75,8 @@ def _base(**values: Any) -> dict[str, Any]:
                            "spsa_c": 0.05, "spsa_gamma": 0.1, "spsa_draws": 1,
                            "spsa_query_theta": True, "spsa_alpha": 0.4, "spsa_o": 1.0,
                            "momentum": 0.9, "loss": {"kind": "ce", "gamma": 2.0, "alpha": 0.8},
-                           "schedule": {"kind": "constant"}}
+                           "schedule": {"kind": "constant"},
+                           "coordinator_encoder": "default", "coordinator_eps": 1.0}
     out.update(values)
     return out
 
@@ -177,6 +179,50 @@ def _blackvip_vp() -> Preset:
     )
 
 
+def _blackvip() -> Preset:
+    s = CLIP_STD
+    yaml = "configs/trainers/BLACKVIP/vit_b16.yaml"
+    svhn = "README.md: sh tl_bench.sh svhn 5000 0.9 0.2 0.005 1.0 (moms, gamma, c, p_eps)"
+    return Preset(
+        "blackvip",
+        "BlackVIP (Oh et al. 2023): the Coordinator (frozen encoder, decoder of an "
+        "input-dependent prompt) learned by SPSA-GC with 5 draws and no query at theta",
+        _base(program="coordinator", coordinator_encoder="default", coordinator_eps=1.0 * s,
+              estimator="spsa", spsa_c=0.005, spsa_gamma=0.2, spsa_draws=5,
+              spsa_query_theta=False, optimizer="spsa-gc", lr=0.01, spsa_alpha=0.4,
+              spsa_o=1.0, momentum=0.9, labelmap="frequency", batch_size=128),
+        {"program": f"{BLACKVIP_HEAD} trainers/blackvip.py CustomCLIP.forward: "
+                    "clip_clipping(image + p_eps * coordinator(image))",
+         "coordinator_encoder": f"{yaml}: PT_BACKBONE vit-mae-base (a frozen pretrained "
+                                "encoder; here the model the user names)",
+         "coordinator_eps": f"{svhn}; P_EPS 1.0 in CLIP's normalized space",
+         "spsa_c": svhn, "spsa_gamma": svhn, "momentum": svhn,
+         "spsa_draws": f"{yaml}: SP_AVG 5",
+         "estimator": "trainers/blackvip.py spsa_grad_estimate_bi: two-sided SPSA, segmented "
+                      "uniform perturbations",
+         "spsa_query_theta": "trainers/blackvip.py spsa_grad_estimate_bi: only w + ck*D and "
+                             "w - ck*D are evaluated",
+         "optimizer": f"{yaml}: OPT_TYPE spsa-gc",
+         "lr": "scripts/blackvip/tl_bench.sh: spsa_a=0.01 (SPSA_PARAMS [o 1.0, c, a 0.01, "
+               "alpha 0.4, gamma])",
+         "spsa_alpha": "scripts/blackvip/tl_bench.sh: alpha=0.4",
+         "spsa_o": "scripts/blackvip/tl_bench.sh: spsa_os=1.0",
+         "loss": "trainers/blackvip.py: self.loss_fn = F.cross_entropy",
+         "batch_size": f"{yaml}: DATALOADER.TRAIN_X.BATCH_SIZE 128"},
+        ("The encoder is the model named by coordinator_encoder (the zoo's default CNN unless "
+         "told), not MAE's ViT-B: nothing is downloaded. Its feature is the input of the "
+         "model's last linear layer, as BlackVIP takes MAE's [CLS] token.",
+         "The decoder is BlackVIP's (vit-base arch) with the cube at ceil(side / 32) cells "
+         "and channels sized to hold the feature twice (32 x 7 x 7 at BlackVIP's setting); "
+         "see reprogram.coordinator.",
+         "BlackVIP reads CLIP's zero-shot text head; the frequency map (top-1 counts) stands "
+         "in.",
+         f"p_eps converted to pixels ({s:.4f}); c and a act on the decoder's weights, which "
+         "have no pixel unit, and are kept. The values are the README's SVHN run (the "
+         "digits task here), the rest the config file."),
+    )
+
+
 def _elsayed() -> Preset:
     return Preset(
         "elsayed",
@@ -251,8 +297,8 @@ def _ilm_vp() -> Preset:
 
 
 PRESETS: Mapping[str, Preset] = MappingProxyType({p.name: p for p in (
-    _bar_code(), _bar_port(), _blackvip_vp(), _elsayed(), _bahng("pad"), _bahng("patch"),
-    _ilm_vp())})
+    _bar_code(), _bar_port(), _blackvip(), _blackvip_vp(), _elsayed(), _bahng("pad"),
+    _bahng("patch"), _ilm_vp())})
 
 
 def preset_config(name: str, **run: Any) -> FitConfig:

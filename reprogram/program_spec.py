@@ -21,6 +21,9 @@ Kinds (what each renders; :mod:`reprogram.programs` draws them):
 - ``full``: ``clamp(embed(x_t) + M * tanh(theta), 0, 1)`` over the whole frame on a black
   background, ``M`` everywhere (``mask='none'``) or outside the image (``mask='border'``): the
   overlay this project's black-box defaults use.
+- ``coordinator``: BlackVIP's input-dependent prompt (Oh et al. 2023; :mod:`reprogram.coordinator`):
+  ``clamp(x + eps * decoder(encoder(x), p_trigger), 0, 1)`` on the full-size image, ``theta``
+  the decoder's and trigger's flat vector; ``coordinator`` names the frozen encoder.
 
 Deprecated aliases, accepted for one release (specs, artifacts, the CLI): ``pad`` = ``expand``.
 A spec built from an alias records the new name.
@@ -41,6 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from reprogram.coordinator import CoordinatorSpec, theta_dim
 from reprogram.errors import ConfigError, DataError, check_int, spec_fields
 
 __all__ = [
@@ -53,12 +57,12 @@ __all__ = [
     "grid_shape",
 ]
 
-ProgramKind = Literal["expand", "add-pad", "add-patch", "mask", "patch", "full"]
+ProgramKind = Literal["expand", "add-pad", "add-patch", "mask", "patch", "full", "coordinator"]
 MaskKind = Literal["border", "none"]
 # old name -> new name; kept for one release so specs and artifacts written with it still load
 KIND_ALIASES: dict[str, str] = {"pad": "expand"}
 # kinds whose image fills the whole frame (inner is resized again to the frame)
-FULL_IMAGE_KINDS = ("add-pad", "add-patch", "patch")
+FULL_IMAGE_KINDS = ("add-pad", "add-patch", "patch", "coordinator")
 # kinds whose image is embedded in the centre with a border around it
 BORDER_KINDS = ("expand", "mask")
 
@@ -140,7 +144,9 @@ class ProgramSpec:
             (``mask`` always masks the image out; ``add-pad`` always adds on the border only).
         init_std: theta is initialised ``N(0, init_std^2)`` from a seeded generator (0 = zeros:
             a mid-grey border for ``expand``/``patch``/``mask``, no overlay for ``full`` and the
-            additive kinds).
+            additive kinds); ``coordinator`` always starts as BlackVIP does.
+        coordinator: ``coordinator`` only: the encoder and decoder geometry
+            (:class:`~reprogram.coordinator.CoordinatorSpec`).
     """
 
     kind: ProgramKind
@@ -150,9 +156,12 @@ class ProgramSpec:
     patch_size: int = 8
     mask: MaskKind = "none"
     init_std: float = 0.0
+    coordinator: CoordinatorSpec | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "kind", canonical_kind(self.kind))
+        if isinstance(self.coordinator, Mapping):
+            object.__setattr__(self, "coordinator", CoordinatorSpec.from_dict(self.coordinator))
         self.validate()
 
     def validate(self) -> None:
@@ -187,6 +196,7 @@ class ProgramSpec:
             raise ConfigError(f"expected mask='none' for a {self.kind} program, got {self.mask!r}")
         if self.kind in ("patch", "add-patch") and patch > min(h, w):
             raise ConfigError(f"expected patch_size <= min(frame_size) = {min(h, w)}, got {patch}")
+        self._validate_coordinator()
         if self.resolution is not None:
             res = check_int("resolution", self.resolution, 1)
             limit = patch if self.kind in ("patch", "add-patch") else min(h, w)
@@ -200,6 +210,19 @@ class ProgramSpec:
         ):
             raise ConfigError(f"expected init_std a finite float >= 0, got {self.init_std!r}")
 
+    def _validate_coordinator(self) -> None:
+        if self.kind != "coordinator":
+            if self.coordinator is not None:
+                raise ConfigError(f"expected no coordinator for a {self.kind} program")
+            return
+        if not isinstance(self.coordinator, CoordinatorSpec):
+            raise ConfigError("expected a coordinator spec (the encoder) for a coordinator "
+                              "program, got none")
+        if self.resolution is not None:
+            raise ConfigError("expected no resolution for a coordinator program (its decoder "
+                              "draws the prompt at the frame's size)")
+        self.coordinator.check_frame(self.frame_size)
+
     @property
     def area_size(self) -> tuple[int, int]:
         """``(H, W)`` of the area theta covers: the frame, or the patch for the patch kinds."""
@@ -208,8 +231,11 @@ class ProgramSpec:
         return self.frame_size
 
     @property
-    def theta_shape(self) -> tuple[int, int, int]:
-        """``(3, R, R)`` when coarse, else ``(3, H, W)`` of :attr:`area_size`."""
+    def theta_shape(self) -> tuple[int, ...]:
+        """``(3, R, R)`` when coarse, else ``(3, H, W)`` of :attr:`area_size`; ``(d,)`` for
+        ``coordinator``."""
+        if self.coordinator is not None:
+            return (theta_dim(self.coordinator, self.frame_size),)
         if self.resolution is not None:
             return (3, *grid_shape(self.resolution, self.area_size))
         return (3, *self.area_size)
@@ -222,6 +248,8 @@ class ProgramSpec:
         """JSON-safe dict (``frame_size`` as a list); inverse of :meth:`from_dict`."""
         d = asdict(self)
         d["frame_size"] = list(self.frame_size)
+        if self.coordinator is None:
+            del d["coordinator"]  # artifacts of the other kinds read as before
         return d
 
     @classmethod

@@ -23,12 +23,15 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from contextlib import AbstractContextManager as ContextManager
+from contextlib import nullcontext
 from typing import overload
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from reprogram import coordinator as coord
 from reprogram.errors import ConfigError, DataError, check_int
 from reprogram.pixels import clamp01
 from reprogram.program_spec import (
@@ -43,6 +46,7 @@ from reprogram.program_spec import (
 
 __all__ = [
     "KIND_ALIASES",
+    "CoordinatorProgram",
     "InputTransform",
     "MaskKind",
     "Program",
@@ -113,8 +117,12 @@ class Program(nn.Module):
         overlay = torch.ones(h, w) if everywhere else (~centre).to(torch.float32)
         self.register_buffer("overlay_mask", overlay, persistent=False)
 
+    def fitting(self) -> ContextManager[None]:
+        """The context of a fit's gradient estimate (a no-op except for ``coordinator``)."""
+        return nullcontext()
+
     @property
-    def theta_shape(self) -> tuple[int, int, int]:
+    def theta_shape(self) -> tuple[int, ...]:
         """Shape of ``theta``; the ZO dimension is ``d = prod(theta_shape)``."""
         return self.spec.theta_shape
 
@@ -167,7 +175,7 @@ class Program(nn.Module):
     def render_candidates(self, x_t: Tensor, thetas: Tensor) -> Tensor:
         """Typed form of :meth:`apply`: ``[P, N, 3, H, W]`` in [0, 1]."""
         self._check_input(x_t)
-        if thetas.dim() != 4 or tuple(thetas.shape[1:]) != self.theta_shape:
+        if thetas.dim() != 1 + len(self.theta_shape) or tuple(thetas.shape[1:]) != self.theta_shape:
             raise DataError(
                 f"expected thetas [P, {', '.join(map(str, self.theta_shape))}], "
                 f"got shape {tuple(thetas.shape)}"
@@ -229,10 +237,77 @@ class Program(nn.Module):
         return f"spec={self.spec}, d={self.theta.numel()}"
 
 
+class CoordinatorProgram(Program):
+    """BlackVIP's input-dependent prompt (:mod:`reprogram.coordinator`):
+    ``clamp(x + eps * decoder(encoder(x)), 0, 1)`` on the full-size image.
+
+    ``theta`` is the decoder's flat vector; the BatchNorm running averages are buffers of this
+    module (so checkpoints, the best-on-validation snapshot and artifacts carry them). Inside
+    :meth:`fitting` BatchNorm uses batch statistics and updates the averages once per rendered
+    candidate; elsewhere it uses the averages. :meth:`delta` draws the prompt of a mid-grey
+    image (the prompt depends on the image).
+    """
+
+    def __init__(self, spec: ProgramSpec, theta: Tensor) -> None:
+        super().__init__(spec, theta)
+        assert spec.coordinator is not None  # validated by ProgramSpec
+        self.coord = spec.coordinator
+        self.decoder = coord.Decoder(spec.coordinator, spec.frame_size)
+        # encoder and decoder body are not submodules: theta and the buffers are the state.
+        # The encoder is loaded (and its fingerprint checked) now, except when the program is
+        # built on the meta device only to check an artifact's tensor shapes.
+        self._encoder: list[nn.Module] = []
+        if torch.get_default_device().type != "meta":
+            self._encoder.append(coord.load_encoder(spec.coordinator.encoder,
+                                                    spec.coordinator.encoder_sha256))
+        self._buffer_names: dict[str, str] = {}
+        for name, value in self.decoder.buffers().items():
+            local = "bn_" + name.replace(".", "_")
+            self.register_buffer(local, value)
+            self._buffer_names[name] = local
+        self._fitting = [False]
+
+    def fitting(self) -> ContextManager[None]:
+        return coord.training(self._fitting)
+
+    def features(self, frames: Tensor) -> Tensor:
+        """The frozen encoder's features ``z [N, D]`` of frames in [0, 1]."""
+        if not self._encoder:
+            raise ConfigError("this coordinator program was built on the meta device; build "
+                              "it on a real one to render")
+        encoder = self._encoder[0].to(frames.device)
+        z = coord.encoder_features(encoder, frames)
+        coord.check_features(z, self.coord)
+        return z
+
+    def _prompts(self, frames: Tensor, thetas: Tensor) -> Tensor:
+        z = self.features(frames.detach())
+        buffers = {name: getattr(self, local) for name, local in self._buffer_names.items()}
+        train = self._fitting[0]
+        return torch.stack([self.decoder(t, z, buffers, train) for t in thetas])
+
+    def render_candidates(self, x_t: Tensor, thetas: Tensor) -> Tensor:
+        self._check_input(x_t)
+        if thetas.dim() != 2 or tuple(thetas.shape[1:]) != self.theta_shape:
+            raise DataError(f"expected thetas [P, {self.theta_shape[0]}], got shape "
+                            f"{tuple(thetas.shape)}")
+        frames = _resize(x_t.to(thetas.dtype), self.spec.frame_size)
+        return clamp01(frames[None] + self.coord.eps * self._prompts(frames, thetas))
+
+    @torch.no_grad()
+    def delta(self) -> Tensor:
+        grey = torch.full((1, 3, *self.spec.frame_size), 0.5, device=self.theta.device)
+        return (self.coord.eps * self._prompts(grey, self.theta.detach()[None]))[0, 0]
+
+
 def build_program(spec: ProgramSpec, seed: int = 0) -> Program:
-    """Build a :class:`Program`; theta ~ ``N(0, init_std^2)`` from ``torch.Generator(seed)``."""
+    """Build a :class:`Program`; theta ~ ``N(0, init_std^2)`` from ``torch.Generator(seed)``
+    (``coordinator``: BlackVIP's initialization from ``seed``)."""
     spec.validate()
     check_int("seed", seed, 0)
+    if spec.coordinator is not None:
+        decoder = coord.Decoder(spec.coordinator, spec.frame_size)
+        return CoordinatorProgram(spec, decoder.initial(seed))
     theta = torch.zeros(spec.theta_shape)
     if spec.init_std > 0:
         gen = torch.Generator().manual_seed(seed)
