@@ -18,7 +18,8 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import MISSING, fields
+from dataclasses import MISSING
+from dataclasses import fields as dc_fields
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +54,12 @@ METHODS: dict[str, dict[str, Any]] = {
     "ilm-vp": dict(PRESETS["ilm-vp"].values),
     # our defaults for an endpoint (what `reprogram fit --endpoint` uses)
     "ours": _OURS,
+    # ours with the zoo's surrogate (another network on the same task, never the API's own
+    # weights): its gradient as P-RGF's prior, a white-box warm start on it, or both
+    "ours-prgf": dict(RECOMMENDED["prgf"], estimator="prgf", surrogate="shapes-resnet"),
+    "ours-warm": dict(_OURS, surrogate="shapes-resnet", warm_start_epochs=20),
+    "ours-warm-prgf": dict(RECOMMENDED["prgf"], estimator="prgf", surrogate="shapes-resnet",
+                           warm_start_epochs=20),
     # our defaults with one ingredient changed, to show what each is worth
     "ours-antithetic": dict(_OURS, antithetic=True),
     "ours-no-grid": dict(_OURS, resolution=None),
@@ -116,7 +123,7 @@ def job_key(method: str, budget: int, seed: int, data: str, output: str, oracle:
 
 
 def _plain_defaults() -> dict[str, Any]:
-    return {f.name: f.default for f in fields(FitConfig) if f.default is not MISSING}
+    return {f.name: f.default for f in dc_fields(FitConfig) if f.default is not MISSING}
 
 
 def row_key(row: dict[str, Any]) -> str:

@@ -104,7 +104,17 @@ def build_parser() -> argparse.ArgumentParser:
                    choices=("first", "random", "frequency", "iterative", "linear"),
                    help="source-to-target label mapping (default: linear, learned)")
     f.add_argument("--sources-per-target", type=int, default=None)
-    f.add_argument("--estimator", choices=("autograd", "rgf", "spsa"), default=None,
+    f.add_argument("--surrogate", default=None, metavar="MODEL",
+                   help="a local model of the same kind as the API's (e.g. shapes-resnet, "
+                        "torchvision:ARCH, a model folder): its exact gradient guides the "
+                        "black-box estimate (P-RGF) and a white-box fit on it starts the fit; "
+                        "its queries are free and counted apart")
+    f.add_argument("--surrogate-use", choices=("both", "prior", "warm"), default="both",
+                   help="with --surrogate: the prior (estimator prgf), the warm start, or both "
+                        "(default)")
+    f.add_argument("--warm-start-epochs", type=int, default=None, metavar="N",
+                   help="epochs of the white-box warm start on the surrogate (default 20)")
+    f.add_argument("--estimator", choices=("autograd", "rgf", "spsa", "prgf"), default=None,
                    help="gradient estimator (default: autograd for a local model, rgf for "
                         "an endpoint or an ONNX model)")
     f.add_argument("--q", type=int, default=None, help="RGF directions per step")

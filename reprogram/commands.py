@@ -69,13 +69,35 @@ def fit_config_from_args(args: argparse.Namespace, differentiable: bool = True) 
         weight_penalty=args.weight_penalty, estimator=args.estimator,
         coordinator_encoder=args.coordinator_encoder, coordinator_eps=args.coordinator_eps,
     )
+    options.update(_surrogate_options(args))
     if getattr(args, "preset", None):
         from reprogram.presets import preset_config
 
         return preset_config(args.preset, **options)
-    estimator = args.estimator or ("rgf" if args.endpoint or not differentiable else "autograd")
+    estimator = options["estimator"] or (
+        "rgf" if args.endpoint or not differentiable else "autograd")
     del options["estimator"]
     return recommended_config(estimator, **options)
+
+
+WARM_START_EPOCHS = 20  # the warm start's default length (white-box epochs on the surrogate)
+
+
+def _surrogate_options(args: argparse.Namespace) -> dict[str, Any]:
+    """``--surrogate``: the estimator (prgf for the prior) and the warm start's epochs."""
+    surrogate = getattr(args, "surrogate", None)
+    if surrogate is None:
+        if getattr(args, "warm_start_epochs", None):
+            raise ConfigError("expected --surrogate MODEL with --warm-start-epochs")
+        return {}
+    use = args.surrogate_use
+    out: dict[str, Any] = {"surrogate": surrogate, "warm_start_epochs": 0}
+    if use in ("both", "warm"):
+        out["warm_start_epochs"] = (WARM_START_EPOCHS if args.warm_start_epochs is None
+                                    else args.warm_start_epochs)
+    if use in ("both", "prior") and args.estimator is None:
+        out["estimator"] = "prgf"
+    return out
 
 
 def _scale(args: argparse.Namespace, cfg: FitConfig, oracle: Oracle,

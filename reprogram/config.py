@@ -38,6 +38,8 @@ class FitConfig:
     turned into one. The estimator fields default to :data:`reprogram.defaults.ESTIMATOR`.
     ``optimizer="spsa-gc"`` has its own step-size decay ``lr / (k + spsa_o)^spsa_alpha`` and
     uses ``momentum`` as its gradient-correction ``beta``; ``schedule`` is then not used.
+    ``surrogate`` names a local model for the transfer prior of ``estimator="prgf"`` and for a
+    white-box warm start of ``warm_start_epochs`` epochs (:mod:`reprogram.surrogate`).
     ``program="coordinator"`` (BlackVIP) takes its frozen encoder from the model named by
     ``coordinator_encoder`` and scales its prompt by ``coordinator_eps`` (pixels).
     """
@@ -81,6 +83,8 @@ class FitConfig:
     weight_penalty: float = 0.0
     coordinator_encoder: str = "default"
     coordinator_eps: float = 1.0
+    surrogate: str | None = None
+    warm_start_epochs: int = 0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "program", canonical_kind(self.program))  # "pad" -> "expand"
@@ -106,6 +110,7 @@ class FitConfig:
         for name in ("lr", "mu", "spsa_c", "coordinator_eps"):
             if not 0 < float(getattr(self, name)) < math.inf:
                 raise ConfigError(f"expected a finite {name} > 0, got {getattr(self, name)}")
+        self._check_surrogate()
         if not isinstance(self.coordinator_encoder, str) or not self.coordinator_encoder:
             raise ConfigError(f"expected coordinator_encoder a model name, got "
                               f"{self.coordinator_encoder!r}")
@@ -115,6 +120,17 @@ class FitConfig:
             raise ConfigError(f"expected epochs >= 1, got {self.epochs}")
         if self.budget is not None and self.budget < 1:
             raise ConfigError(f"expected a positive budget, got {self.budget}")
+
+    def _check_surrogate(self) -> None:
+        w = self.warm_start_epochs
+        if isinstance(w, bool) or not isinstance(w, int) or w < 0:
+            raise ConfigError(f"expected warm_start_epochs an int >= 0, got {w!r}")
+        if self.surrogate is None and (self.estimator == "prgf" or w > 0):
+            raise ConfigError("expected a surrogate model for estimator 'prgf' or a warm "
+                              "start (--surrogate MODEL), got none")
+        if self.surrogate is not None and (not isinstance(self.surrogate, str)
+                                           or not self.surrogate):
+            raise ConfigError(f"expected surrogate a model name, got {self.surrogate!r}")
 
     def _check_at_least_one(self, name: str) -> None:
         value = getattr(self, name)
@@ -175,6 +191,8 @@ class FitConfig:
         options: dict[str, Any] = {}
         if self.estimator == "rgf":
             options = {"q": self.q, "mu": self.mu, "antithetic": self.antithetic}
+        elif self.estimator == "prgf":
+            options = {"q": self.q, "mu": self.mu}
         elif self.estimator == "spsa":
             options = {"c": self.spsa_c, "gamma": self.spsa_gamma, "n_draws": self.spsa_draws,
                        "query_theta": self.spsa_query_theta}

@@ -35,4 +35,7 @@ RECOMMENDED: dict[str, dict[str, Any]] = {
             "optimizer": "adam", "lr": 0.05, "batch_size": 32},
     "spsa": {"program": "full", "resolution": 8, "labelmap": "linear",
              "optimizer": "adam", "lr": 0.05, "batch_size": 32},
+    # P-RGF (a surrogate's prior): the black-box defaults, RGF's q and mu
+    "prgf": {"program": "full", "resolution": 8, "labelmap": "linear",
+             "optimizer": "adam", "lr": 0.05, "batch_size": 32},
 }

@@ -14,6 +14,8 @@ Kinds:
 - ``rgf``: random gradient-free estimate (BAR, Tsai et al. 2020, "Transfer Learning without
   Knowing: Reprogramming Black-box Machine Learning Models with Scarce Data and Limited
   Resources").
+- ``prgf``: RGF guided by a transfer prior, a surrogate model's gradient (Cheng et al. 2019;
+  :mod:`reprogram.prgf`).
 - ``spsa``: simultaneous perturbation (BlackVIP, Oh et al. 2023, "BlackVIP: Black-Box Visual
   Prompting for Robust Transfer Learning"); pair it with :func:`spsa_gc_optimizer` for the
   gradient correction (SPSA-GC).
@@ -51,7 +53,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 Objective = Callable[[Tensor], Tensor]
-EstimatorKind = Literal["autograd", "rgf", "spsa"]
+EstimatorKind = Literal["autograd", "rgf", "spsa", "prgf"]
 PerturbationKind = Literal["rademacher", "segmented"]
 
 
@@ -333,9 +335,15 @@ _ESTIMATORS: dict[str, type[GradientEstimator]] = {
 
 def build_estimator(kind: EstimatorKind, *, seed: int, **options: Any) -> GradientEstimator:
     """Build an estimator by name; :class:`ConfigError` on unknown kinds or options."""
-    if kind not in _ESTIMATORS:
+    if kind not in get_args(EstimatorKind):
         raise ConfigError(f"expected estimator kind in {get_args(EstimatorKind)}, got {kind!r}")
-    cls = _ESTIMATORS[kind]
+    cls: type[GradientEstimator]
+    if kind == "prgf":  # P-RGF builds on this module (reprogram.prgf)
+        from reprogram.prgf import PRGFEstimator
+
+        cls = PRGFEstimator
+    else:
+        cls = _ESTIMATORS[kind]
     allowed = {p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "seed")}
     unknown = sorted(set(options) - allowed)
     if unknown:

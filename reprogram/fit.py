@@ -30,7 +30,9 @@ from reprogram.fsutil import write_atomic
 from reprogram.labelmaps import build_labelmap
 from reprogram.oracles import Oracle
 from reprogram.pipeline import Reprogrammer
+from reprogram.prgf import PRGFEstimator
 from reprogram.programs import build_program
+from reprogram.surrogate import Surrogate, warm_start
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +122,9 @@ def plan(cfg: FitConfig, per_step: int, n_train: int, n_val: int,
 class Fitter:
     """Runs :func:`fit`; holds the pieces so checkpoints can capture and restore them."""
 
-    def __init__(self, cfg: FitConfig, oracle: Oracle, data: TargetDataset) -> None:
+    def __init__(self, cfg: FitConfig, oracle: Oracle, data: TargetDataset, *,
+                 surrogate: Surrogate | None = None,
+                 init: dict[str, torch.Tensor] | None = None) -> None:
         self.cfg = cfg
         self.oracle = oracle
         self.train, self.val, self.test = data.split(cfg.val_fraction, cfg.test_fraction,
@@ -131,6 +135,11 @@ class Fitter:
         labelmap = build_labelmap(cfg.labelmap_spec(info.num_classes, data.num_classes))
         self.model = Reprogrammer(program, labelmap, floor=cfg.floor,
                                   weight_penalty=cfg.weight_penalty).to(oracle.device)
+        if init is not None:  # a warm start (reprogram.surrogate.warm_start)
+            self.model.load_state_dict(init)
+        if surrogate is None and cfg.surrogate is not None:
+            surrogate = Surrogate(cfg.surrogate, oracle)
+        self.surrogate = surrogate
         self.estimator = cfg.build_estimator()
         self.estimator.check(oracle.differentiable)
         if oracle.budget is None and cfg.budget is not None:
@@ -264,8 +273,11 @@ class Fitter:
             if not self.oracle.can_afford(cost + reserve):
                 return "budget"
             with self._phase("estimator"), self.model.program.fitting():
-                objective = self.model.objective(self.x_train[idx], self.y_train[idx],
-                                                  self.oracle, loss=cfg.loss)
+                x, y = self.x_train[idx], self.y_train[idx]
+                if self.surrogate is not None and isinstance(self.estimator, PRGFEstimator):
+                    self.estimator.prior = self.surrogate.gradient(
+                        self.model, x, y, cfg.loss, self.model.program.theta)
+                objective = self.model.objective(x, y, self.oracle, loss=cfg.loss)
                 loss, grad = self.estimator.value_and_grad(objective,
                                                            self.model.program.theta)
             with self._phase("optimizer"):
@@ -306,7 +318,12 @@ def fit(
     """Learn a program and label map for ``data`` on ``oracle`` (see the module docstring);
     ``evaluate_test=False`` leaves the test split untouched (a trial of a search)."""
     t0 = time.perf_counter()
-    fitter = Fitter(cfg, oracle, data)
+    surrogate = Surrogate(cfg.surrogate, oracle) if cfg.surrogate is not None else None
+    init = None
+    resuming = resume and bool(cfg.checkpoint) and Path(str(cfg.checkpoint)).is_file()
+    if surrogate is not None and cfg.warm_start_epochs and not resuming:
+        init = warm_start(cfg, surrogate, data)
+    fitter = Fitter(cfg, oracle, data, surrogate=surrogate, init=init)
     if resume:
         if not cfg.checkpoint:
             raise ConfigError("expected a checkpoint path to resume from, got none")
@@ -341,6 +358,8 @@ def fit(
         oracle.budget, oracle.max_requests = budget, max_requests
     queries = {"images": train_queries, "requests": oracle.requests_used,
                "test_images": oracle.images_used - train_queries}
+    if surrogate is not None:  # free: a local model, counted apart
+        queries["surrogate_images"] = surrogate.images_used
     info = oracle.info
     prompt = Prompt.from_reprogrammer(
         model,

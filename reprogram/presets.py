@@ -76,7 +76,8 @@ def _base(**values: Any) -> dict[str, Any]:
                            "spsa_query_theta": True, "spsa_alpha": 0.4, "spsa_o": 1.0,
                            "momentum": 0.9, "loss": {"kind": "ce", "gamma": 2.0, "alpha": 0.8},
                            "schedule": {"kind": "constant"},
-                           "coordinator_encoder": "default", "coordinator_eps": 1.0}
+                           "coordinator_encoder": "default", "coordinator_eps": 1.0,
+                           "surrogate": None, "warm_start_epochs": 0}
     out.update(values)
     return out
 

@@ -120,7 +120,9 @@ class RecordingLocal(LocalOracle):
 
 
 def _small_cfg(estimator: str, checkpoint: Path, **kw: Any) -> FitConfig:
-    """About 20 steps on the full digits set."""
+    """About 20 steps on the full digits set (prgf: with the zoo's surrogate, warm-started)."""
+    if estimator == "prgf":
+        kw = {"surrogate": "shapes-resnet", "warm_start_epochs": 2, **kw}
     return recommended_config(estimator, labelmap="linear", batch_size=16, q=5, budget=3000,
                               eval_every=10, seed=7, checkpoint=str(checkpoint),
                               checkpoint_every=1000, **kw)
@@ -138,14 +140,14 @@ def local_runs(model: SourceModel, digits: TargetDataset,
                ) -> Iterator[dict[str, tuple[FitResult, RecordingLocal, FitConfig]]]:
     with tempfile.TemporaryDirectory() as tmp:
         runs = {}
-        for est in ("rgf", "spsa"):
+        for est in ("rgf", "spsa", "prgf"):
             cfg = _small_cfg(est, Path(tmp) / f"local-{est}.ckpt")
             oracle = RecordingLocal(model, quantize=True)
             runs[est] = (fit(cfg, oracle, digits), oracle, cfg)
         yield runs
 
 
-@pytest.mark.parametrize("estimator", ["rgf", "spsa"])
+@pytest.mark.parametrize("estimator", ["rgf", "spsa", "prgf"])
 def test_http_fit_equals_local_uint8_fit(
     base_url: str, digits: TargetDataset, tmp_path: Path, estimator: str,
     local_runs: dict[str, tuple[FitResult, RecordingLocal, FitConfig]],

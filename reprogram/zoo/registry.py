@@ -1,4 +1,5 @@
-"""Source-model registry: the shipped default model and torchvision architectures.
+"""Source-model registry: the shipped zoo models (``default``, and ``shapes-resnet``: another
+architecture trained on the same task, for transfer priors) and torchvision architectures.
 
 Every model is returned as a :class:`SourceModel`: a frozen ``nn.Module`` that takes images in
 [0, 1] (``[N, 3, H, W]``, normalization inside) and returns logits, together with the
@@ -19,10 +20,13 @@ from safetensors.torch import load_file
 from torch import nn
 
 from reprogram.errors import ModelError
-from reprogram.zoo.net import Normalize, ShapesNet
+from reprogram.zoo.net import ARCHITECTURES, Normalize
 
 DEFAULT_WEIGHTS = "default.safetensors"
 DEFAULT_META = "default.json"
+# the models shipped in the package: name -> (weights, metadata) file names
+ZOO = {"default": (DEFAULT_WEIGHTS, DEFAULT_META),
+       "shapes-resnet": ("shapes-resnet.safetensors", "shapes-resnet.json")}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -104,15 +108,22 @@ def load_state(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
+def zoo_paths(name: str = "default") -> tuple[Path, Path]:
+    """Paths of a shipped zoo model's weights and metadata inside the package."""
+    root = resources.files("reprogram.zoo")
+    weights, meta = ZOO[name]
+    return Path(str(root / weights)), Path(str(root / meta))
+
+
 def default_paths() -> tuple[Path, Path]:
     """Paths of the shipped default weights and metadata inside the package."""
-    root = resources.files("reprogram.zoo")
-    return Path(str(root / DEFAULT_WEIGHTS)), Path(str(root / DEFAULT_META))
+    return zoo_paths("default")
 
 
-def load_default(weights: Path | None = None, meta_path: Path | None = None) -> SourceModel:
-    """Load the shipped shapes classifier, checking its sha256 against the metadata."""
-    dw, dm = default_paths()
+def load_zoo(name: str = "default", weights: Path | None = None,
+             meta_path: Path | None = None) -> SourceModel:
+    """Load a shipped zoo model, checking its sha256 against the metadata."""
+    dw, dm = zoo_paths(name)
     weights = weights or dw
     meta_path = meta_path or dm
     try:
@@ -123,13 +134,18 @@ def load_default(weights: Path | None = None, meta_path: Path | None = None) -> 
     if digest != record["weights_sha256"]:
         raise ModelError(
             f"expected weights with sha256 {record['weights_sha256']}, got {digest or 'no file'}"
-            f" at {str(weights)!r}; reinstall the package or run `python -m reprogram.zoo.train`"
+            f" at {str(weights)!r}; reinstall the package or run "
+            f"`python -m reprogram.zoo.train --model {name}`"
         )
-    net = ShapesNet(num_classes=len(record["class_names"]), width=int(record["width"]))
+    arch = str(record.get("architecture", "ShapesNet"))
+    if arch not in ARCHITECTURES:
+        raise ModelError(f"expected an architecture among {sorted(ARCHITECTURES)} in "
+                         f"{str(meta_path)!r}, got {arch!r}")
+    net = ARCHITECTURES[arch](num_classes=len(record["class_names"]), width=int(record["width"]))
     net.load_state_dict(load_state(weights))
     meta = ModelMeta(
-        name="default",
-        architecture=f"ShapesNet(width={record['width']})",
+        name=str(record.get("name", name)),
+        architecture=f"{arch}(width={record['width']})",
         input_size=(int(record["input_size"][0]), int(record["input_size"][1])),
         mean=tuple(record["mean"]),
         std=tuple(record["std"]),
@@ -138,6 +154,11 @@ def load_default(weights: Path | None = None, meta_path: Path | None = None) -> 
         extra={"heldout_accuracy": record.get("heldout_accuracy")},
     )
     return SourceModel(_wrap(net, meta.mean, meta.std), meta)
+
+
+def load_default(weights: Path | None = None, meta_path: Path | None = None) -> SourceModel:
+    """Load the shipped shapes classifier, checking its sha256 against the metadata."""
+    return load_zoo("default", weights, meta_path)
 
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -170,8 +191,8 @@ def load_model(
     """Resolve a model: ``default``, ``torchvision:ARCH`` (with ``weights``), or a path to a
     model folder, a model config or a weights file with its config beside it
     (:func:`reprogram.zoo.loaders.load_path`: TorchScript, ONNX, torchvision, default)."""
-    if name == "default":
-        return load_default(Path(weights) if weights else None)
+    if name in ZOO:
+        return load_zoo(name, Path(weights) if weights else None)
     if name.startswith("torchvision:"):
         return load_torchvision(name.split(":", 1)[1], weights, class_names)
     if Path(name).exists():
@@ -188,5 +209,5 @@ def load_model(
             model = SourceModel(model.module, replace(model.meta, class_names=class_names),
                                 model.differentiable)
         return model
-    raise ModelError(f"expected 'default', 'torchvision:ARCH' or the path of a model folder,"
-                     f" config or file, got {name!r} (no such file)")
+    raise ModelError(f"expected a zoo model ({', '.join(ZOO)}), 'torchvision:ARCH' or the path"
+                     f" of a model folder, config or file, got {name!r} (no such file)")

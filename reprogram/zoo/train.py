@@ -1,10 +1,14 @@
-"""Train, or evaluate, the embedded default source model.
+"""Train, or evaluate, the zoo's models.
 
-    python -m reprogram.zoo.train              # retrain (fixed seed) and write the package files
-    python -m reprogram.zoo.train --evaluate   # held-out accuracy and sha256 of the shipped model
+    python -m reprogram.zoo.train                     # retrain the default model (fixed seed)
+    python -m reprogram.zoo.train --model shapes-resnet   # a small ResNet (a surrogate)
+    python -m reprogram.zoo.train --evaluate          # held-out accuracy and sha256 as shipped
 
-Training takes a few minutes on 2 CPU cores. The held-out set is 2,000 freshly generated
-images from a seed never used in training or model selection.
+Training takes a few minutes on 2 CPU cores (each model's record says how long). The held-out
+set is 2,000 freshly generated images from a seed never used in training or model selection.
+``shapes-resnet`` is another architecture (:class:`~reprogram.zoo.net.ShapesResNet`) trained on
+the same task from other training images and another initialization seed: a public model of
+the same kind as an API's, never the API's own weights.
 """
 
 from __future__ import annotations
@@ -19,14 +23,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from reprogram.zoo.net import ShapesNet
-from reprogram.zoo.registry import (
-    DEFAULT_META,
-    DEFAULT_WEIGHTS,
-    default_paths,
-    load_default,
-    sha256_file,
-)
+from reprogram.zoo.net import ARCHITECTURES
+from reprogram.zoo.registry import ZOO, load_zoo, sha256_file, zoo_paths
 from reprogram.zoo.shapes import SHAPE_CLASSES, generate_shapes
 
 log = logging.getLogger(__name__)
@@ -35,6 +33,12 @@ SIZE = 32
 WIDTH = 24
 TRAIN_SEED, VAL_SEED, HELDOUT_SEED = 1, 2, 20261127
 N_TRAIN, N_VAL, N_HELDOUT = 60_000, 2_000, 2_000
+# per zoo model: architecture, width, training-image seed, initialization seed
+RECIPES: dict[str, dict[str, object]] = {
+    "default": {"architecture": "ShapesNet", "width": WIDTH, "train_seed": TRAIN_SEED,
+                "seed": 0},
+    "shapes-resnet": {"architecture": "ShapesResNet", "width": 16, "train_seed": 11, "seed": 1},
+}
 
 
 @torch.inference_mode()
@@ -52,17 +56,24 @@ def heldout_set(n: int = N_HELDOUT) -> tuple[torch.Tensor, torch.Tensor]:
     return generate_shapes(n, HELDOUT_SEED, SIZE)
 
 
-def train(out_dir: Path, epochs: int, seed: int, *, n_train: int = N_TRAIN, n_val: int = N_VAL,
-          n_heldout: int = N_HELDOUT, batch: int = 128) -> dict[str, object]:
-    """Train the default model and write its weights and metadata into ``out_dir``.
+def train(out_dir: Path, epochs: int, seed: int | None = None, *, name: str = "default",
+          n_train: int = N_TRAIN, n_val: int = N_VAL, n_heldout: int = N_HELDOUT,
+          batch: int = 128) -> dict[str, object]:
+    """Train zoo model ``name`` and write its weights and metadata into ``out_dir``.
 
-    The keyword arguments shrink the run for tests; the defaults reproduce the shipped model.
+    The keyword arguments shrink the run for tests; the defaults reproduce the shipped model
+    (``seed`` None: the recipe's).
     """
+    recipe = RECIPES[name]
+    seed = int(recipe["seed"]) if seed is None else seed  # type: ignore[call-overload]
+    train_seed = int(recipe["train_seed"])  # type: ignore[call-overload]
+    width = int(recipe["width"])  # type: ignore[call-overload]
+    arch = str(recipe["architecture"])
     if n_train < batch:
         raise ValueError(f"expected n_train >= batch ({batch}), got {n_train}")
     torch.manual_seed(seed)
     t0 = time.perf_counter()
-    xtr, ytr = generate_shapes(n_train, TRAIN_SEED, SIZE)
+    xtr, ytr = generate_shapes(n_train, train_seed, SIZE)
     xva, yva = generate_shapes(n_val, VAL_SEED, SIZE)
     xf = xtr.float() / 255.0
     mean = tuple(round(float(v), 4) for v in xf.mean(dim=(0, 2, 3)))
@@ -71,7 +82,7 @@ def train(out_dir: Path, epochs: int, seed: int, *, n_train: int = N_TRAIN, n_va
 
     from reprogram.zoo.net import Normalize
 
-    net = ShapesNet(num_classes=len(SHAPE_CLASSES), width=WIDTH)
+    net = ARCHITECTURES[arch](num_classes=len(SHAPE_CLASSES), width=width)
     model = torch.nn.Sequential(Normalize(mean, std), net)
     steps = epochs * (n_train // batch)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=5e-4)
@@ -103,13 +114,15 @@ def train(out_dir: Path, epochs: int, seed: int, *, n_train: int = N_TRAIN, n_va
     from safetensors.torch import save_file
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    weights = out_dir / DEFAULT_WEIGHTS
+    weights_name, meta_name = ZOO[name]
+    weights = out_dir / weights_name
     save_file({k: v.contiguous() for k, v in best_state.items()}, str(weights))
     xh, yh = heldout_set(n_heldout)
     record: dict[str, object] = {
-        "name": "default",
+        "name": name,
         "task": "shapes",
-        "width": WIDTH,
+        "architecture": arch,
+        "width": width,
         "input_size": [SIZE, SIZE],
         "mean": list(mean),
         "std": list(std),
@@ -117,20 +130,20 @@ def train(out_dir: Path, epochs: int, seed: int, *, n_train: int = N_TRAIN, n_va
         "weights_sha256": sha256_file(weights),
         "heldout_accuracy": accuracy(model, xh, yh),
         "heldout": {"n": n_heldout, "seed": HELDOUT_SEED},
-        "training": {"seed": seed, "epochs": epochs, "n_train": n_train, "train_seed": TRAIN_SEED,
+        "training": {"seed": seed, "epochs": epochs, "n_train": n_train, "train_seed": train_seed,
                      "val_seed": VAL_SEED, "best_val_accuracy": best,
                      "seconds": round(time.perf_counter() - t0, 1),
                      "torch": torch.__version__},
     }
-    (out_dir / DEFAULT_META).write_text(json.dumps(record, indent=2) + "\n")
+    (out_dir / meta_name).write_text(json.dumps(record, indent=2) + "\n")
     return record
 
 
-def evaluate() -> dict[str, object]:
+def evaluate(name: str = "default") -> dict[str, object]:
     """Held-out accuracy and sha256 of the shipped weights (checked against the metadata)."""
-    weights, meta_path = default_paths()
+    weights, meta_path = zoo_paths(name)
     record = json.loads(meta_path.read_text())
-    model = load_default()  # raises if the sha256 does not match
+    model = load_zoo(name)  # raises if the sha256 does not match
     xh, yh = heldout_set()
     return {
         "heldout_accuracy": accuracy(model.module, xh, yh),
@@ -145,19 +158,22 @@ def evaluate() -> dict[str, object]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m reprogram.zoo.train", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=tuple(RECIPES), default="default",
+                        help="which zoo model (default: the default model)")
     parser.add_argument("--evaluate", action="store_true", help="evaluate the shipped model")
     parser.add_argument("--out", type=Path, default=None,
                         help="output folder (default: the package's zoo folder)")
     parser.add_argument("--epochs", type=int, default=8)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=None,
+                        help="initialization seed (default: the model's recipe)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.evaluate:
-        res = evaluate()
+        res = evaluate(args.model)
         print(json.dumps(res, indent=2))
         return 0 if res["sha256_matches"] else 1
-    out = args.out or default_paths()[0].parent
-    record = train(out, args.epochs, args.seed)
+    out = args.out or zoo_paths(args.model)[0].parent
+    record = train(out, args.epochs, args.seed, name=args.model)
     print(json.dumps({k: record[k] for k in ("heldout_accuracy", "weights_sha256")}, indent=2))
     return 0
 
