@@ -114,14 +114,20 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default)")
     f.add_argument("--warm-start-epochs", type=int, default=None, metavar="N",
                    help="epochs of the white-box warm start on the surrogate (default 20)")
-    f.add_argument("--estimator", choices=("autograd", "rgf", "spsa", "prgf"), default=None,
+    f.add_argument("--estimator", choices=("autograd", "rgf", "spsa", "prgf", "cma"),
+                   default=None,
                    help="gradient estimator (default: autograd for a local model, rgf for "
-                        "an endpoint or an ONNX model)")
+                        "an endpoint or an ONNX model); cma: CMA-ES, one generation a step")
     f.add_argument("--q", type=int, default=None, help="RGF directions per step")
     f.add_argument("--mu", type=float, default=None, help="RGF smoothing radius")
     f.add_argument("--antithetic", action=argparse.BooleanOptionalAction, default=None)
     f.add_argument("--spsa-c", type=float, default=None, help="SPSA perturbation size c")
-    f.add_argument("--optimizer", choices=("adam", "sgd", "spsa-gc"), default=None)
+    f.add_argument("--cma-sigma", type=float, default=None,
+                   help="CMA-ES initial spread (default 0.5)")
+    f.add_argument("--cma-popsize", type=int, default=None,
+                   help="CMA-ES candidates per step (default 20)")
+    f.add_argument("--optimizer", choices=("adam", "sgd", "spsa-gc", "cma"), default=None,
+                   help="cma goes with --estimator cma (the default for it)")
     f.add_argument("--lr", type=float, default=None)
     f.add_argument("--batch-size", type=int, default=None)
     f.add_argument("--epochs", type=int, default=None)

@@ -62,6 +62,7 @@ def fit_config_from_args(args: argparse.Namespace, differentiable: bool = True) 
         program=args.program, inner_size=args.inner_size, resolution=args.resolution,
         labelmap=args.labelmap, sources_per_target=args.sources_per_target,
         q=args.q, mu=args.mu, antithetic=args.antithetic, spsa_c=args.spsa_c,
+        cma_sigma=args.cma_sigma, cma_popsize=args.cma_popsize,
         optimizer=args.optimizer, lr=args.lr, batch_size=args.batch_size, epochs=args.epochs,
         budget=capped_budget(args.budget), eval_every=args.eval_every, seed=args.seed,
         val_fraction=args.val_fraction, test_fraction=args.test_fraction,

@@ -8,6 +8,7 @@ from typing import Any, Literal, get_args
 
 import torch
 
+from reprogram.cma import CMAStep, check_pairing
 from reprogram.defaults import ESTIMATOR, RECOMMENDED
 from reprogram.errors import ConfigError
 from reprogram.estimators import (
@@ -23,8 +24,8 @@ from reprogram.schedules import ScheduleSpec
 
 __all__ = ["RECOMMENDED", "FitConfig", "OptimizerKind", "recommended_config"]
 
-OptimizerKind = Literal["adam", "sgd", "spsa-gc"]
-_RGF, _SPSA = ESTIMATOR["rgf"], ESTIMATOR["spsa"]
+OptimizerKind = Literal["adam", "sgd", "spsa-gc", "cma"]
+_RGF, _SPSA, _CMA = ESTIMATOR["rgf"], ESTIMATOR["spsa"], ESTIMATOR["cma"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -42,6 +43,9 @@ class FitConfig:
     white-box warm start of ``warm_start_epochs`` epochs (:mod:`reprogram.surrogate`).
     ``program="coordinator"`` (BlackVIP) takes its frozen encoder from the model named by
     ``coordinator_encoder`` and scales its prompt by ``coordinator_eps`` (pixels).
+    ``estimator="cma"`` (CMA-ES, :mod:`reprogram.cma`) draws ``cma_popsize`` candidates at
+    spread ``cma_sigma`` per step and needs ``optimizer="cma"``, which sets theta to its mean
+    and trains the label map with Adam at ``lr``.
     """
 
     program: ProgramKind = "expand"
@@ -63,6 +67,8 @@ class FitConfig:
     spsa_query_theta: bool = _SPSA["query_theta"]
     spsa_alpha: float = 0.4
     spsa_o: float = 1.0
+    cma_sigma: float = _CMA["sigma"]
+    cma_popsize: int = _CMA["popsize"]
     optimizer: OptimizerKind = "adam"
     lr: float = 0.05
     momentum: float = 0.9
@@ -104,13 +110,15 @@ class FitConfig:
         for name in ("inner_ratio", "patch_ratio"):
             if getattr(self, name) is not None and not 0 < float(getattr(self, name)) <= 1:
                 raise ConfigError(f"expected {name} in (0, 1], got {getattr(self, name)}")
-        for name in ("batch_size", "eval_every", "checkpoint_every", "q", "spsa_draws"):
+        for name in ("batch_size", "eval_every", "checkpoint_every", "q", "spsa_draws",
+                     "cma_popsize"):
             if getattr(self, name) is not None and int(getattr(self, name)) < 1:
                 raise ConfigError(f"expected {name} >= 1, got {getattr(self, name)}")
-        for name in ("lr", "mu", "spsa_c", "coordinator_eps"):
+        for name in ("lr", "mu", "spsa_c", "coordinator_eps", "cma_sigma"):
             if not 0 < float(getattr(self, name)) < math.inf:
                 raise ConfigError(f"expected a finite {name} > 0, got {getattr(self, name)}")
         self._check_surrogate()
+        check_pairing(self.estimator, self.optimizer)
         if not isinstance(self.coordinator_encoder, str) or not self.coordinator_encoder:
             raise ConfigError(f"expected coordinator_encoder a model name, got "
                               f"{self.coordinator_encoder!r}")
@@ -193,6 +201,8 @@ class FitConfig:
             options = {"q": self.q, "mu": self.mu, "antithetic": self.antithetic}
         elif self.estimator == "prgf":
             options = {"q": self.q, "mu": self.mu}
+        elif self.estimator == "cma":
+            options = {"sigma": self.cma_sigma, "popsize": self.cma_popsize}
         elif self.estimator == "spsa":
             options = {"c": self.spsa_c, "gamma": self.spsa_gamma, "n_draws": self.spsa_draws,
                        "query_theta": self.spsa_query_theta}
@@ -209,7 +219,10 @@ class FitConfig:
             return spsa_gc_optimizer(groups, a=self.lr, alpha=self.spsa_alpha, o=self.spsa_o,
                                      beta=self.momentum)
         opt: torch.optim.Optimizer
-        if self.optimizer == "adam":
+        if self.optimizer == "cma":
+            groups[0]["assign"] = True
+            opt = CMAStep(groups)
+        elif self.optimizer == "adam":
             opt = torch.optim.Adam(groups)
         else:
             opt = torch.optim.SGD(groups, momentum=self.momentum)

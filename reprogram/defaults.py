@@ -18,6 +18,8 @@ ESTIMATOR: dict[str, dict[str, Any]] = {
     # d = 192 directions of a unit vector)
     "rgf": {"q": 10, "mu": 1.0, "antithetic": False},
     "spsa": {"c": 0.05, "gamma": 0.1, "n_draws": 1, "query_theta": True},
+    # CMA-ES on the 8x8 grid (d = 192): chosen on validation (README, "CMA-ES")
+    "cma": {"sigma": 0.5, "popsize": 20},
 }
 
 # SPSA-GC's step-size schedule a / (k + o)^alpha and gradient-correction momentum (BlackVIP's
@@ -38,4 +40,7 @@ RECOMMENDED: dict[str, dict[str, Any]] = {
     # P-RGF (a surrogate's prior): the black-box defaults, RGF's q and mu
     "prgf": {"program": "full", "resolution": 8, "labelmap": "linear",
              "optimizer": "adam", "lr": 0.05, "batch_size": 32},
+    # CMA-ES sets theta to its mean; Adam at lr trains the linear label map
+    "cma": {"program": "full", "resolution": 8, "labelmap": "linear",
+            "optimizer": "cma", "lr": 0.05, "batch_size": 32},
 }

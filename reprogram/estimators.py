@@ -19,6 +19,8 @@ Kinds:
 - ``spsa``: simultaneous perturbation (BlackVIP, Oh et al. 2023, "BlackVIP: Black-Box Visual
   Prompting for Robust Transfer Learning"); pair it with :func:`spsa_gc_optimizer` for the
   gradient correction (SPSA-GC).
+- ``cma``: CMA-ES (Black-Box Tuning, Sun et al. 2022; :mod:`reprogram.cma`): one generation per
+  step, its "gradient" the move of the search mean, applied exactly by the ``cma`` optimizer.
 
 Every random draw comes from the estimator's own ``torch.Generator`` (CPU), whose state is part
 of :meth:`GradientEstimator.state_dict`, so a resumed fit is bit-identical.
@@ -53,7 +55,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 Objective = Callable[[Tensor], Tensor]
-EstimatorKind = Literal["autograd", "rgf", "spsa", "prgf"]
+EstimatorKind = Literal["autograd", "rgf", "spsa", "prgf", "cma"]
 PerturbationKind = Literal["rademacher", "segmented"]
 
 
@@ -342,6 +344,10 @@ def build_estimator(kind: EstimatorKind, *, seed: int, **options: Any) -> Gradie
         from reprogram.prgf import PRGFEstimator
 
         cls = PRGFEstimator
+    elif kind == "cma":  # CMA-ES (reprogram.cma)
+        from reprogram.cma import CMAEstimator
+
+        cls = CMAEstimator
     else:
         cls = _ESTIMATORS[kind]
     allowed = {p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "seed")}

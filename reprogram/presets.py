@@ -74,6 +74,7 @@ def _base(**values: Any) -> dict[str, Any]:
                            "q": 10, "mu": 1.0, "antithetic": False,
                            "spsa_c": 0.05, "spsa_gamma": 0.1, "spsa_draws": 1,
                            "spsa_query_theta": True, "spsa_alpha": 0.4, "spsa_o": 1.0,
+                           "cma_sigma": 0.5, "cma_popsize": 20,
                            "momentum": 0.9, "loss": {"kind": "ce", "gamma": 2.0, "alpha": 0.8},
                            "schedule": {"kind": "constant"},
                            "coordinator_encoder": "default", "coordinator_eps": 1.0,

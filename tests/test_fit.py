@@ -317,6 +317,8 @@ RESUME_CASES = {
     "iterative": ({"estimator": "rgf", "labelmap": "iterative", "optimizer": "sgd",
                    "epochs": 3}, 12),
     "linear": ({"estimator": "spsa", "labelmap": "linear", "labelmap_lr": 0.05}, 4),
+    "cma": ({"estimator": "cma", "optimizer": "cma", "labelmap": "linear", "cma_popsize": 6,
+             "cma_sigma": 0.3}, 6),
 }
 
 
