@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from bench.accuracy_report import plot, ranking_lines, summarize, table
-from reprogram.config import FitConfig
+from reprogram.config import LEGACY, FitConfig
 from reprogram.data import load_dataset
 from reprogram.defaults import RECOMMENDED
 from reprogram.errors import ConfigError, EstimatorError
@@ -60,6 +60,8 @@ METHODS: dict[str, dict[str, Any]] = {
     "ours-warm": dict(_OURS, surrogate="shapes-resnet", warm_start_epochs=20),
     "ours-warm-prgf": dict(RECOMMENDED["prgf"], estimator="prgf", surrogate="shapes-resnet",
                            warm_start_epochs=20),
+    # CMA-ES on ours' grid and map (Black-Box Tuning's optimizer; no surrogate)
+    "ours-cma": dict(RECOMMENDED["cma"], estimator="cma"),
     # our defaults with one ingredient changed, to show what each is worth
     "ours-antithetic": dict(_OURS, antithetic=True),
     "ours-no-grid": dict(_OURS, resolution=None),
@@ -123,7 +125,8 @@ def job_key(method: str, budget: int, seed: int, data: str, output: str, oracle:
 
 
 def _plain_defaults() -> dict[str, Any]:
-    return {f.name: f.default for f in dc_fields(FitConfig) if f.default is not MISSING}
+    plain = {f.name: f.default for f in dc_fields(FitConfig) if f.default is not MISSING}
+    return {**plain, **LEGACY}
 
 
 def row_key(row: dict[str, Any]) -> str:

@@ -36,7 +36,7 @@ from reprogram.artifact_check import (
 )
 from reprogram.errors import ArtifactError, ConfigError, DataError, ModelError
 from reprogram.fsutil import write_atomic
-from reprogram.labelmaps import LabelMapSpec, build_labelmap
+from reprogram.labelmaps import LabelMapSpec, Remainder, build_labelmap
 from reprogram.pipeline import Reprogrammer
 from reprogram.programs import ProgramSpec, build_program
 
@@ -57,6 +57,7 @@ class Prompt:
     wire_dtype: str = "uint8"
     output_kind: str = "probs"
     floor: float = 1e-6
+    remainder: Remainder = "floor"
     config: dict[str, Any] = field(default_factory=dict)
     seed: int = 0
     queries: dict[str, int] = field(default_factory=dict)
@@ -69,7 +70,7 @@ class Prompt:
         tensors.update({f"labelmap.{k}": v.detach().clone().contiguous()
                         for k, v in model.labelmap.state_dict().items()})
         return cls(program=model.program.spec, labelmap=model.labelmap.spec, tensors=tensors,
-                   floor=model.floor, **kwargs)
+                   floor=model.floor, remainder=model.remainder, **kwargs)
 
     def build(self) -> Reprogrammer:
         """Rebuild the program and label map with the stored tensors (strictly)."""
@@ -95,7 +96,7 @@ class Prompt:
             labelmap.load_state_dict(parts["labelmap"], strict=True)
         except (RuntimeError, DataError) as exc:
             raise ArtifactError(f"prompt tensors do not fit its program/label map: {exc}") from exc
-        return Reprogrammer(program, labelmap, floor=self.floor)
+        return Reprogrammer(program, labelmap, floor=self.floor, remainder=self.remainder)
 
     def metadata(self) -> dict[str, Any]:
         """The JSON header record (without the digest)."""
@@ -110,6 +111,7 @@ class Prompt:
             "wire_dtype": self.wire_dtype,
             "output_kind": self.output_kind,
             "floor": self.floor,
+            "remainder": self.remainder,
             "config": self.config,
             "seed": self.seed,
             "queries": self.queries,
@@ -177,6 +179,7 @@ def loads_prompt(data: bytes,
             wire_dtype=str(meta.get("wire_dtype", "uint8")),
             output_kind=str(meta.get("output_kind", "probs")),
             floor=float(meta.get("floor", 1e-6)),
+            remainder=meta.get("remainder", "floor"),  # prompts made before it existed
             config=dict(meta.get("config", {})),
             seed=int(meta.get("seed", 0)),
             queries=dict(meta.get("queries", {})),

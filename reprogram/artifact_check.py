@@ -116,6 +116,9 @@ def _check_record(meta: object) -> None:
     if isinstance(floor, bool) or not isinstance(floor, int | float) or not (
             math.isfinite(floor) and 0 < floor < 1):
         raise ArtifactError(f"expected a score floor in (0, 1), got {floor!r}")
+    if meta.get("remainder", "floor") not in ("floor", "share"):
+        raise ArtifactError(f"expected remainder 'floor' or 'share', got "
+                            f"{meta.get('remainder')!r}")
 
 
 def _declared(name: str, entry: object, data_bytes: int) -> tuple[torch.dtype, tuple[int, ...]]:

@@ -17,15 +17,17 @@ from reprogram.estimators import (
     build_estimator,
     spsa_gc_optimizer,
 )
-from reprogram.labelmaps import LabelMapKind, LabelMapScore, LabelMapSpec
+from reprogram.labelmaps import LabelMapKind, LabelMapScore, LabelMapSpec, Remainder
 from reprogram.losses import LossSpec
 from reprogram.program_spec import ProgramKind, ProgramSpec, canonical_kind
 from reprogram.schedules import ScheduleSpec
 
-__all__ = ["RECOMMENDED", "FitConfig", "OptimizerKind", "recommended_config"]
+__all__ = ["LEGACY", "RECOMMENDED", "FitConfig", "OptimizerKind", "recommended_config"]
 
 OptimizerKind = Literal["adam", "sgd", "spsa-gc", "cma"]
 _RGF, _SPSA, _CMA = ESTIMATOR["rgf"], ESTIMATOR["spsa"], ESTIMATOR["cma"]
+# what a field added later meant for a config saved before it existed
+LEGACY: dict[str, Any] = {"remainder": "floor"}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -46,6 +48,9 @@ class FitConfig:
     ``estimator="cma"`` (CMA-ES, :mod:`reprogram.cma`) draws ``cma_popsize`` candidates at
     spread ``cma_sigma`` per step and needs ``optimizer="cma"``, which sets theta to its mean
     and trains the label map with Adam at ``lr``.
+    ``remainder`` is what a top-k answer's missing classes score: an equal share of the mass
+    the answer leaves (``share``) or the flat ``floor``
+    (:func:`reprogram.labelmaps.to_log_scores`).
     """
 
     program: ProgramKind = "expand"
@@ -86,6 +91,7 @@ class FitConfig:
     checkpoint: str | None = None
     checkpoint_every: int = 100
     floor: float = 1e-6
+    remainder: Remainder = "share"
     weight_penalty: float = 0.0
     coordinator_encoder: str = "default"
     coordinator_eps: float = 1.0
@@ -101,7 +107,7 @@ class FitConfig:
                 raise ConfigError(f"expected a finite {name} >= 0, got {getattr(self, name)}")
         for name, allowed in (("program", ProgramKind), ("labelmap", LabelMapKind),
                               ("estimator", EstimatorKind), ("optimizer", OptimizerKind),
-                              ("labelmap_score", LabelMapScore)):
+                              ("labelmap_score", LabelMapScore), ("remainder", Remainder)):
             if getattr(self, name) not in get_args(allowed):
                 raise ConfigError(f"expected {name} in {get_args(allowed)}, "
                                   f"got {getattr(self, name)!r}")
@@ -152,9 +158,10 @@ class FitConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> FitConfig:
         """Inverse of :meth:`to_dict`; a config saved before the loss and schedule were nested
-        (``"schedule": "cosine"``, no ``loss``) loads too."""
+        (``"schedule": "cosine"``, no ``loss``) loads too, and one saved before ``remainder``
+        existed keeps the floor it ran with."""
         known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
+        return cls(**{**LEGACY, **{k: v for k, v in d.items() if k in known}})
 
     def program_spec(self, frame_size: tuple[int, int],
                      native_size: int | None = None) -> ProgramSpec:

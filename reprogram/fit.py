@@ -133,7 +133,7 @@ class Fitter:
         spec = cfg.program_spec(info.input_size, native_size=min(data.images.shape[2:]))
         program = build_program(spec, seed=cfg.seed)
         labelmap = build_labelmap(cfg.labelmap_spec(info.num_classes, data.num_classes))
-        self.model = Reprogrammer(program, labelmap, floor=cfg.floor,
+        self.model = Reprogrammer(program, labelmap, floor=cfg.floor, remainder=cfg.remainder,
                                   weight_penalty=cfg.weight_penalty).to(oracle.device)
         if init is not None:  # a warm start (reprogram.surrogate.warm_start)
             self.model.load_state_dict(init)

@@ -33,6 +33,7 @@ __all__ = [
     "LabelMapKind",
     "LabelMapScore",
     "LabelMapSpec",
+    "Remainder",
     "ScoreKind",
     "build_labelmap",
     "greedy_assignment",
@@ -47,25 +48,50 @@ LabelMapKind = Literal["first", "random", "frequency", "iterative", "linear"]
 LabelMapScore = Literal["top1", "top-prob"]
 BAR_TOP_K = 30  # BAR adv_reprogramming.py: tf.math.top_k(self.imagenet_prob, 30)
 ScoreKind = Literal["probs", "logits", "topk", "label"]
+# what a top-k answer's missing classes get: the flat floor, or an equal share of the
+# probability the answer leaves unassigned (at most the smallest one shown)
+Remainder = Literal["floor", "share"]
 
 
-def to_log_scores(scores: Tensor, kind: ScoreKind, floor: float = 1e-6) -> Tensor:
+def to_log_scores(scores: Tensor, kind: ScoreKind, floor: float = 1e-6,
+                  remainder: Remainder = "floor", classes: int | None = None) -> Tensor:
     """Convert what an oracle reveals into log-scores for a label map.
 
     ``logits`` are returned unchanged. ``probs``, ``topk`` and ``label`` become
-    ``log(clamp(scores, min=floor))``: for ``topk`` the classes outside the top-k arrive as 0
-    and get ``log(floor)``; for ``label`` the rows are one-hot, so the predicted class gets 0
-    and all others ``log(floor)``. The floor keeps the log finite (a cross-entropy over a
-    subset of classes is invariant to a per-row shift, so logits and log-probabilities are
-    interchangeable), at the price that probabilities below the floor carry no signal.
+    ``log(clamp(scores, min=floor))``: for ``label`` the rows are one-hot, so the predicted
+    class gets 0 and all others ``log(floor)``. The floor keeps the log finite (a cross-entropy
+    over a subset of classes is invariant to a per-row shift, so logits and log-probabilities
+    are interchangeable), at the price that probabilities below the floor carry no signal.
+
+    For ``topk`` the classes outside the top k arrive as 0. With ``remainder="floor"`` they get
+    ``log(floor)``; with ``"share"`` each gets an equal share of the mass the answer leaves,
+    ``(1 - sum of the top k) / (classes - k)``, capped at the smallest probability shown (a
+    class outside the top k is no likelier than the k-th) and floored: the maximum-entropy
+    completion of the answer. ``classes`` is how many classes the API has (default: the
+    columns; for a label API, the vocabulary slots its answers have filled so far).
+    A class's loss then moves with the mass left outside the top k instead of sitting on a
+    flat floor, which a zeroth-order estimate needs to see a difference.
     """
     if kind not in get_args(ScoreKind):
         raise ConfigError(f"expected score kind in {get_args(ScoreKind)}, got {kind!r}")
     if not (isinstance(floor, int | float) and 0.0 < floor < 1.0):
         raise ConfigError(f"expected 0 < floor < 1, got {floor!r}")
+    if remainder not in get_args(Remainder):
+        raise ConfigError(f"expected remainder in {get_args(Remainder)}, got {remainder!r}")
     if kind == "logits":
         return scores
+    if kind == "topk" and remainder == "share":
+        scores = _share_remainder(scores, min(classes or scores.shape[-1], scores.shape[-1]))
     return torch.log(scores.clamp(min=floor))
+
+
+def _share_remainder(scores: Tensor, classes: int) -> Tensor:
+    shown = scores > 0
+    k = shown.sum(-1, keepdim=True)
+    left = (1.0 - scores.sum(-1, keepdim=True)).clamp(min=0.0)
+    share = left / (classes - k).clamp(min=1)
+    smallest = torch.where(shown, scores, torch.ones_like(scores)).amin(-1, keepdim=True)
+    return torch.where(shown, scores, torch.minimum(share, smallest))
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -12,7 +12,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from reprogram.estimators import Objective
-from reprogram.labelmaps import LabelMap, LabelMapScore, ScoreKind, to_log_scores, top_prob_matrix
+from reprogram.labelmaps import (
+    LabelMap,
+    LabelMapScore,
+    Remainder,
+    to_log_scores,
+    top_prob_matrix,
+)
 from reprogram.losses import LossSpec
 from reprogram.oracles import Oracle
 from reprogram.programs import Program
@@ -24,12 +30,19 @@ class Reprogrammer(nn.Module):
     """A program and a label map in front of an oracle: target images in, target logits out."""
 
     def __init__(self, program: Program, labelmap: LabelMap, *, floor: float = DEFAULT_FLOOR,
-                 weight_penalty: float = 0.0) -> None:
+                 remainder: Remainder = "floor", weight_penalty: float = 0.0) -> None:
         super().__init__()
         self.program = program
         self.labelmap = labelmap
         self.floor = floor
+        self.remainder: Remainder = remainder  # what a top-k answer's missing classes get
         self.weight_penalty = weight_penalty  # Elsayed et al.'s lambda in + lambda * ||W||^2
+
+    def log_scores(self, scores: Tensor, oracle: Oracle) -> Tensor:
+        """What the oracle revealed as log-scores (:func:`reprogram.labelmaps.to_log_scores`)."""
+        info = oracle.info
+        return to_log_scores(scores, info.base_kind, self.floor, self.remainder,
+                             classes=info.active_classes)
 
     def transform(self, images: Tensor) -> Tensor:
         """Raw target images (uint8 or [0,1]) -> the program's input ``[N,3,inner,inner]``."""
@@ -43,8 +56,7 @@ class Reprogrammer(nn.Module):
         frames = self.program.render_candidates(x_t, thetas)
         p, n = frames.shape[:2]
         scores = oracle.query(frames.flatten(0, 1))
-        kind: ScoreKind = oracle.info.base_kind
-        log_scores = to_log_scores(scores, kind, self.floor).view(p, n, -1)
+        log_scores = self.log_scores(scores, oracle).view(p, n, -1)
         if log_probs:
             log_scores = F.log_softmax(log_scores, dim=-1)
         return self.labelmap(log_scores, oracle.info.active_classes)
@@ -82,7 +94,7 @@ class Reprogrammer(nn.Module):
     def predict_logits(self, images: Tensor, oracle: Oracle, batch_size: int = 256) -> Tensor:
         """Target logits ``[N, K_t]`` of raw target images (uint8 or [0,1])."""
         scores = self.source_scores(images, oracle, batch_size)
-        return self.labelmap(to_log_scores(scores, oracle.info.base_kind, self.floor),
+        return self.labelmap(self.log_scores(scores, oracle),
                              oracle.info.active_classes)
 
     @torch.no_grad()
@@ -108,6 +120,6 @@ class Reprogrammer(nn.Module):
         if score == "top1":
             self.labelmap.fit(scores.argmax(-1).cpu(), labels.cpu())
             return
-        probs = F.softmax(to_log_scores(scores, oracle.info.base_kind, self.floor), dim=-1)
+        probs = F.softmax(self.log_scores(scores, oracle), dim=-1)
         self.labelmap.fit_matrix(top_prob_matrix(probs.cpu(), labels.cpu(),
                                                  self.labelmap.spec.num_target))

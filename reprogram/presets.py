@@ -68,7 +68,8 @@ class Preset:
 def _base(**values: Any) -> dict[str, Any]:
     """The method fields no anchor sets differently from ours (listed, not inherited)."""
     out: dict[str, Any] = {"resolution": None, "mask": "none", "labelmap_lr": None,
-                           "floor": 1e-6, "weight_penalty": 0.0, "inner_size": None,
+                           "floor": 1e-6, "remainder": "share", "weight_penalty": 0.0,
+                           "inner_size": None,
                            "inner_ratio": None, "patch_ratio": None, "init_std": 0.0,
                            "sources_per_target": 1, "labelmap_score": "top1",
                            "q": 10, "mu": 1.0, "antithetic": False,

@@ -56,11 +56,39 @@ def test_to_log_scores_kinds() -> None:
     assert torch.isfinite(to_log_scores(torch.zeros(2, 3), "probs")).all()
 
 
+def test_a_top_k_answer_shares_what_it_leaves_among_the_missing_classes() -> None:
+    # top 2 of 5 shown: 0.5 + 0.2 leave 0.3 for the 3 others, 0.1 each (below the 0.2 shown)
+    topk = torch.tensor([[0.5, 0.0, 0.2, 0.0, 0.0],
+                         [0.9, 0.0, 0.0, 0.0, 0.09]])  # 0.01 left: 0.0033 each
+    out = to_log_scores(topk, "topk", floor=1e-6, remainder="share").exp()
+    assert torch.allclose(out[0], torch.tensor([0.5, 0.1, 0.2, 0.1, 0.1]))
+    assert torch.allclose(out[1, 1:4], torch.full((3,), 0.01 / 3))
+    # never above the smallest probability shown, never below the floor
+    capped = to_log_scores(torch.tensor([[0.4, 0.0, 0.0]]), "topk", remainder="share").exp()
+    assert torch.allclose(capped, torch.tensor([[0.4, 0.3, 0.3]]))
+    capped = to_log_scores(torch.tensor([[0.3, 0.0, 0.0]]), "topk", remainder="share").exp()
+    assert torch.allclose(capped, torch.tensor([[0.3, 0.3, 0.3]]))
+    full = to_log_scores(torch.tensor([[1.0, 0.0, 0.0]]), "topk", floor=1e-5, remainder="share")
+    assert torch.allclose(full.exp(), torch.tensor([[1.0, 1e-5, 1e-5]]))
+    # a label vocabulary: only the slots filled so far are the API's classes
+    wide = torch.zeros(1, 1000)
+    wide[0, :2] = torch.tensor([0.6, 0.2])
+    out = to_log_scores(wide, "topk", remainder="share", classes=4).exp()
+    assert torch.allclose(out[0, 2:4], torch.full((2,), 0.1))
+    # the floor variant and other kinds are unchanged
+    assert torch.equal(to_log_scores(topk, "topk", remainder="floor"), to_log_scores(topk, "topk"))
+    probs = torch.softmax(torch.randn(2, 5), -1)
+    assert torch.equal(to_log_scores(probs, "probs", remainder="share"),
+                       to_log_scores(probs, "probs"))
+
+
 def test_to_log_scores_rejects_bad_options() -> None:
     with pytest.raises(ConfigError):
         to_log_scores(torch.zeros(1, 2), "softmax")  # type: ignore[arg-type]
     with pytest.raises(ConfigError):
         to_log_scores(torch.zeros(1, 2), "probs", floor=0.0)
+    with pytest.raises(ConfigError, match="remainder"):
+        to_log_scores(torch.zeros(1, 2), "topk", remainder="uniform")  # type: ignore[arg-type]
 
 
 # ---------------------------------------------------------------- frequency greedy
