@@ -28,7 +28,7 @@ import torch
 from bench.accuracy_report import plot, ranking_lines, summarize, table
 from reprogram.config import LEGACY, FitConfig
 from reprogram.data import load_dataset
-from reprogram.defaults import RECOMMENDED
+from reprogram.defaults import LABEL_VOTES, RECOMMENDED
 from reprogram.errors import ConfigError, EstimatorError
 from reprogram.fit import Fitter, fit
 from reprogram.oracles import LocalOracle, Oracle
@@ -60,6 +60,8 @@ METHODS: dict[str, dict[str, Any]] = {
     "ours-warm": dict(_OURS, surrogate="shapes-resnet", warm_start_epochs=20),
     "ours-warm-prgf": dict(RECOMMENDED["prgf"], estimator="prgf", surrogate="shapes-resnet",
                            warm_start_epochs=20),
+    # for a label-only API: ours learning from label votes (reprogram.votes)
+    "ours-votes": dict(_OURS, **LABEL_VOTES),
     # CMA-ES on ours' grid and map (Black-Box Tuning's optimizer; no surrogate)
     "ours-cma": dict(RECOMMENDED["cma"], estimator="cma"),
     # our defaults with one ingredient changed, to show what each is worth
@@ -124,16 +126,18 @@ def job_key(method: str, budget: int, seed: int, data: str, output: str, oracle:
     return json.dumps([method, budget, seed, data, output, oracle, config], sort_keys=True)
 
 
-def _plain_defaults() -> dict[str, Any]:
+def _plain_defaults(output: str) -> dict[str, Any]:
     plain = {f.name: f.default for f in dc_fields(FitConfig) if f.default is not MISSING}
-    return {**plain, **LEGACY}
+    # the top-k remainder changed what top-k answers score; on other outputs it does nothing
+    return {**plain, **LEGACY} if output.startswith("topk") else plain
 
 
 def row_key(row: dict[str, Any]) -> str:
     """A recorded row's key; a field FitConfig gained after the row was written (absent from
-    its config) ran as that field's default does, so the default stands in for it."""
-    config = {**{k: v for k, v in _plain_defaults().items() if k not in row["config"]},
-              **row["config"]}
+    its config) ran as that field's default does, so the default stands in for it (the
+    remainder on top-k outputs excepted: those rows ran with the floor)."""
+    config = {**{k: v for k, v in _plain_defaults(row["output"]).items()
+                 if k not in row["config"]}, **row["config"]}
     return job_key(row["method"], row["budget"], row["seed"], row["data"], row["output"],
                    row["oracle"], config)
 

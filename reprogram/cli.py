@@ -126,6 +126,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="CMA-ES initial spread (default 0.5)")
     f.add_argument("--cma-popsize", type=int, default=None,
                    help="CMA-ES candidates per step (default 20)")
+    f.add_argument("--remainder", choices=("share", "floor"), default=None,
+                   help="what a top-k answer's missing classes score: an equal share of the "
+                        "mass it leaves (default) or a flat 1e-6")
+    f.add_argument("--label-votes", type=int, default=None, metavar="V",
+                   help="for a label-only API: send every training image V times with noise "
+                        "and learn from the answers' fractions (default 8 when the API "
+                        "answers labels, else 1)")
+    f.add_argument("--vote-noise", type=float, default=None, metavar="STD",
+                   help="std of the noise added to each voting copy (default 0.1)")
     f.add_argument("--optimizer", choices=("adam", "sgd", "spsa-gc", "cma"), default=None,
                    help="cma goes with --estimator cma (the default for it)")
     f.add_argument("--lr", type=float, default=None)

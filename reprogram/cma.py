@@ -60,7 +60,8 @@ class CMAEstimator(GradientEstimator):
 
     def _new_cma(self, mean: np.ndarray) -> CMA:
         seed = int(torch.randint(0, _SEED_SPAN, (1,), generator=self.generator))
-        return CMA(mean=mean, sigma=self.sigma, population_size=self.popsize, seed=seed)
+        with np.errstate(divide="ignore"):  # popsize 2: no rank-mu update (cmu = 0)
+            return CMA(mean=mean, sigma=self.sigma, population_size=self.popsize, seed=seed)
 
     def _estimate(self, objective: Objective, theta: Tensor) -> tuple[Tensor, Tensor]:
         flat = theta.detach().flatten().to(torch.float64).cpu().numpy()

@@ -18,6 +18,7 @@ from PIL import Image, UnidentifiedImageError
 from reprogram.artifact import Prompt, check_compatible, load_prompt, save_prompt
 from reprogram.config import FitConfig, recommended_config
 from reprogram.data import TargetDataset, load_dataset
+from reprogram.defaults import LABEL_VOTES
 from reprogram.errors import ConfigError, DataError
 from reprogram.oracles import Oracle
 from reprogram.plots import learning_curve, program_picture
@@ -52,17 +53,20 @@ def capped_budget(budget: int | None) -> int | None:
     return cap
 
 
-def fit_config_from_args(args: argparse.Namespace, differentiable: bool = True) -> FitConfig:
+def fit_config_from_args(args: argparse.Namespace, differentiable: bool = True,
+                         label_only: bool = False) -> FitConfig:
     """The fit config of ``reprogram fit``: ``--preset NAME`` (an anchor method, every value
     as its paper's code sets it), or the recommended defaults, where the estimator defaults to
-    autograd on a differentiable local model and to rgf on an endpoint or an ONNX model; the
-    options given on the command line override either."""
+    autograd on a differentiable local model and to rgf on an endpoint or an ONNX model, and a
+    label-only API adds label votes (:data:`reprogram.defaults.LABEL_VOTES`); the options
+    given on the command line override either."""
     checkpoint = args.checkpoint or str(Path(args.out).with_suffix(".ckpt"))
     options = dict(
         program=args.program, inner_size=args.inner_size, resolution=args.resolution,
         labelmap=args.labelmap, sources_per_target=args.sources_per_target,
         q=args.q, mu=args.mu, antithetic=args.antithetic, spsa_c=args.spsa_c,
-        cma_sigma=args.cma_sigma, cma_popsize=args.cma_popsize,
+        cma_sigma=args.cma_sigma, cma_popsize=args.cma_popsize, remainder=args.remainder,
+        label_votes=args.label_votes, vote_noise=args.vote_noise,
         optimizer=args.optimizer, lr=args.lr, batch_size=args.batch_size, epochs=args.epochs,
         budget=capped_budget(args.budget), eval_every=args.eval_every, seed=args.seed,
         val_fraction=args.val_fraction, test_fraction=args.test_fraction,
@@ -78,6 +82,8 @@ def fit_config_from_args(args: argparse.Namespace, differentiable: bool = True) 
     estimator = options["estimator"] or (
         "rgf" if args.endpoint or not differentiable else "autograd")
     del options["estimator"]
+    if label_only:
+        options.update({k: v for k, v in LABEL_VOTES.items() if options.get(k) is None})
     return recommended_config(estimator, **options)
 
 
@@ -127,7 +133,8 @@ def _scale(args: argparse.Namespace, cfg: FitConfig, oracle: Oracle,
 def cmd_fit(args: argparse.Namespace, oracle: Oracle) -> int:
     from reprogram.fit import fit
 
-    cfg = fit_config_from_args(args, oracle.differentiable)
+    cfg = fit_config_from_args(args, oracle.differentiable,
+                               label_only=oracle.info.base_kind == "label")
     if cfg.epochs is None and cfg.budget is None:
         raise ConfigError("expected --budget N or --epochs N")
     out = Path(args.out)

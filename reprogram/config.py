@@ -50,7 +50,9 @@ class FitConfig:
     and trains the label map with Adam at ``lr``.
     ``remainder`` is what a top-k answer's missing classes score: an equal share of the mass
     the answer leaves (``share``) or the flat ``floor``
-    (:func:`reprogram.labelmaps.to_log_scores`).
+    (:func:`reprogram.labelmaps.to_log_scores`). ``label_votes > 1`` (a label-only API)
+    sends every training frame that many times with Gaussian noise of std ``vote_noise``
+    added and learns from the answers' fractions (:mod:`reprogram.votes`).
     """
 
     program: ProgramKind = "expand"
@@ -92,6 +94,8 @@ class FitConfig:
     checkpoint_every: int = 100
     floor: float = 1e-6
     remainder: Remainder = "share"
+    label_votes: int = 1
+    vote_noise: float = 0.1
     weight_penalty: float = 0.0
     coordinator_encoder: str = "default"
     coordinator_eps: float = 1.0
@@ -102,7 +106,8 @@ class FitConfig:
         object.__setattr__(self, "program", canonical_kind(self.program))  # "pad" -> "expand"
         object.__setattr__(self, "schedule", ScheduleSpec.coerce(self.schedule))
         object.__setattr__(self, "loss", LossSpec.coerce(self.loss))
-        for name in ("weight_penalty", "momentum", "init_std", "spsa_alpha", "spsa_o"):
+        for name in ("weight_penalty", "momentum", "init_std", "spsa_alpha", "spsa_o",
+                     "vote_noise"):
             if not 0 <= float(getattr(self, name)) < math.inf:
                 raise ConfigError(f"expected a finite {name} >= 0, got {getattr(self, name)}")
         for name, allowed in (("program", ProgramKind), ("labelmap", LabelMapKind),
@@ -117,7 +122,7 @@ class FitConfig:
             if getattr(self, name) is not None and not 0 < float(getattr(self, name)) <= 1:
                 raise ConfigError(f"expected {name} in (0, 1], got {getattr(self, name)}")
         for name in ("batch_size", "eval_every", "checkpoint_every", "q", "spsa_draws",
-                     "cma_popsize"):
+                     "cma_popsize", "label_votes"):
             if getattr(self, name) is not None and int(getattr(self, name)) < 1:
                 raise ConfigError(f"expected {name} >= 1, got {getattr(self, name)}")
         for name in ("lr", "mu", "spsa_c", "coordinator_eps", "cma_sigma"):

@@ -33,6 +33,7 @@ from reprogram.pipeline import Reprogrammer
 from reprogram.prgf import PRGFEstimator
 from reprogram.programs import build_program
 from reprogram.surrogate import Surrogate, warm_start
+from reprogram.votes import vote_noise
 
 log = logging.getLogger(__name__)
 
@@ -148,7 +149,12 @@ class Fitter:
         self.y_train = self.train.labels.to(oracle.device)
         n_train = len(self.train)
         self.steps_per_epoch = math.ceil(n_train / cfg.batch_size)
-        per_step = self.estimator.queries_per_step * min(cfg.batch_size, n_train)
+        if cfg.label_votes > 1 and oracle.info.base_kind != "label":
+            raise ConfigError(f"expected a label-only API for label votes (label_votes "
+                              f"{cfg.label_votes}), got one that answers "
+                              f"{oracle.info.base_kind}; votes only help label answers")
+        self.queries_per_step = self.estimator.queries_per_step * cfg.label_votes
+        per_step = self.queries_per_step * min(cfg.batch_size, n_train)
         lm_cost = n_train if labelmap.needs_fit else 0
         # a step is taken only while a final validation stays affordable (see run())
         least = 2 * len(self.val) + lm_cost + per_step
@@ -269,7 +275,7 @@ class Fitter:
                     s.data_gen.set_state(s.epoch_gen_state)
                 perm = self._start_epoch()
             idx = perm[s.batch_idx * cfg.batch_size : (s.batch_idx + 1) * cfg.batch_size]
-            cost = self.estimator.queries_per_step * len(idx)
+            cost = self.queries_per_step * len(idx)
             if not self.oracle.can_afford(cost + reserve):
                 return "budget"
             with self._phase("estimator"), self.model.program.fitting():
@@ -277,7 +283,9 @@ class Fitter:
                 if self.surrogate is not None and isinstance(self.estimator, PRGFEstimator):
                     self.estimator.prior = self.surrogate.gradient(
                         self.model, x, y, cfg.loss, self.model.program.theta)
-                objective = self.model.objective(x, y, self.oracle, loss=cfg.loss)
+                noise = vote_noise(cfg.label_votes, cfg.vote_noise, self.oracle.info.input_size,
+                                   seed=cfg.seed, step=s.step)
+                objective = self.model.objective(x, y, self.oracle, loss=cfg.loss, noise=noise)
                 loss, grad = self.estimator.value_and_grad(objective,
                                                            self.model.program.theta)
             with self._phase("optimizer"):

@@ -58,8 +58,11 @@ def to_log_scores(scores: Tensor, kind: ScoreKind, floor: float = 1e-6,
     """Convert what an oracle reveals into log-scores for a label map.
 
     ``logits`` are returned unchanged. ``probs``, ``topk`` and ``label`` become
-    ``log(clamp(scores, min=floor))``: for ``label`` the rows are one-hot, so the predicted
-    class gets 0 and all others ``log(floor)``. The floor keeps the log finite (a cross-entropy
+    ``log(clamp(scores, min=floor))``. For ``label`` the rows are one-hot, so the predicted
+    class gets 0 and all others ``log(floor)``; a row of label votes (the fraction of noisy
+    copies answered with each class, :mod:`reprogram.votes`) is mapped linearly between the
+    two, ``(v - 1) * -log(floor)``, so a linear label map's output on votes is the mean of
+    its outputs on the answers. The floor keeps the log finite (a cross-entropy
     over a subset of classes is invariant to a per-row shift, so logits and log-probabilities
     are interchangeable), at the price that probabilities below the floor carry no signal.
 
@@ -80,6 +83,8 @@ def to_log_scores(scores: Tensor, kind: ScoreKind, floor: float = 1e-6,
         raise ConfigError(f"expected remainder in {get_args(Remainder)}, got {remainder!r}")
     if kind == "logits":
         return scores
+    if kind == "label":  # log(clamp(one-hot, floor)) exactly, and linear between (votes)
+        return (scores - 1.0) * -math.log(floor)
     if kind == "topk" and remainder == "share":
         scores = _share_remainder(scores, min(classes or scores.shape[-1], scores.shape[-1]))
     return torch.log(scores.clamp(min=floor))

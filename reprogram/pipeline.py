@@ -49,26 +49,35 @@ class Reprogrammer(nn.Module):
         return self.program.input_transform(images).to(self.program.theta.device)
 
     def candidate_logits(self, x_t: Tensor, thetas: Tensor, oracle: Oracle,
-                         log_probs: bool = False) -> Tensor:
+                         log_probs: bool = False, noise: Tensor | None = None) -> Tensor:
         """Target logits ``[P, N, K_t]`` for P candidate programs, in ONE oracle query;
         ``log_probs=True`` normalizes the source scores first, so a discrete map returns the
-        log of its mean source probability (what BAR's focal loss reads)."""
+        log of its mean source probability (what BAR's focal loss reads). ``noise``
+        ``[V, 3, H, W]`` queries every frame V times with each noise added and averages the
+        answers (label votes, :mod:`reprogram.votes`)."""
         frames = self.program.render_candidates(x_t, thetas)
         p, n = frames.shape[:2]
-        scores = oracle.query(frames.flatten(0, 1))
+        if noise is None:
+            scores = oracle.query(frames.flatten(0, 1))
+        else:
+            noisy = frames[:, :, None] + noise.to(frames)[None, None]
+            scores = oracle.query(noisy.flatten(0, 2))
+            scores = scores.view(p * n, noise.shape[0], -1).mean(dim=1)
         log_scores = self.log_scores(scores, oracle).view(p, n, -1)
         if log_probs:
             log_scores = F.log_softmax(log_scores, dim=-1)
         return self.labelmap(log_scores, oracle.info.active_classes)
 
     def objective(self, x_t: Tensor, labels: Tensor, oracle: Oracle,
-                  loss: LossSpec | None = None) -> Objective:
+                  loss: LossSpec | None = None, noise: Tensor | None = None) -> Objective:
         """Mean loss per candidate (cross-entropy unless ``loss`` says otherwise, plus
-        ``weight_penalty * ||theta||^2``), ``thetas [P,...] -> losses [P]``."""
+        ``weight_penalty * ||theta||^2``), ``thetas [P,...] -> losses [P]``; ``noise`` as in
+        :meth:`candidate_logits`."""
         spec = loss or LossSpec()
 
         def losses(thetas: Tensor) -> Tensor:
-            logits = self.candidate_logits(x_t, thetas, oracle, log_probs=spec.needs_log_probs)
+            logits = self.candidate_logits(x_t, thetas, oracle, log_probs=spec.needs_log_probs,
+                                           noise=noise)
             p, n = logits.shape[:2]
             target = labels.to(logits.device).repeat(p)
             per_sample = spec(logits.flatten(0, 1), target)

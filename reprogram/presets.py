@@ -68,14 +68,15 @@ class Preset:
 def _base(**values: Any) -> dict[str, Any]:
     """The method fields no anchor sets differently from ours (listed, not inherited)."""
     out: dict[str, Any] = {"resolution": None, "mask": "none", "labelmap_lr": None,
-                           "floor": 1e-6, "remainder": "share", "weight_penalty": 0.0,
+                           "floor": 1e-6, "remainder": "share", "label_votes": 1,
+                           "vote_noise": 0.1, "weight_penalty": 0.0,
                            "inner_size": None,
                            "inner_ratio": None, "patch_ratio": None, "init_std": 0.0,
                            "sources_per_target": 1, "labelmap_score": "top1",
                            "q": 10, "mu": 1.0, "antithetic": False,
                            "spsa_c": 0.05, "spsa_gamma": 0.1, "spsa_draws": 1,
                            "spsa_query_theta": True, "spsa_alpha": 0.4, "spsa_o": 1.0,
-                           "cma_sigma": 0.5, "cma_popsize": 20,
+                           "cma_sigma": 0.02, "cma_popsize": 2,
                            "momentum": 0.9, "loss": {"kind": "ce", "gamma": 2.0, "alpha": 0.8},
                            "schedule": {"kind": "constant"},
                            "coordinator_encoder": "default", "coordinator_eps": 1.0,

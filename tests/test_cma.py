@@ -93,8 +93,9 @@ def test_cma_learns_a_prompt_above_chance() -> None:
     oracle = LocalOracle(load_model("default"), wire="uint8")
     result = fit(recommended_config("cma", budget=12_000, seed=0), oracle, data)
     assert result.queries["images"] <= 12_000
-    # chance is 0.1; measured 0.27 validation at 20k queries
-    assert result.best_val_accuracy > 0.18, result.best_val_accuracy
+    # chance is 0.1; measured 0.450 validation at 12k queries with the defaults (sigma 0.02,
+    # population 2)
+    assert result.best_val_accuracy > 0.3, result.best_val_accuracy
 
 
 def test_the_cli_fits_with_cma(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:  # type: ignore[no-untyped-def]
