@@ -93,6 +93,21 @@ def test_cli_fit_over_http_learns(base_url: str, model: SourceModel, digits: Tar
     assert abs(acc - summary["test_accuracy"]) < 1e-4
 
 
+def test_cli_fit_over_http_with_a_surrogate(base_url: str, tmp_path: Path) -> None:
+    out = tmp_path / "prompt.safetensors"
+    r = _cli("fit", "--endpoint", base_url, "--data", "digits", "--budget", "6000",
+             "--surrogate", "default", "--warm-start-epochs", "2", "--no-progress",
+             "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    summary = json.loads(r.stdout)
+    prompt = load_prompt(out)
+    assert prompt.config["estimator"] == "prgf" and prompt.config["surrogate"] == "default"
+    assert summary["queries"]["images"] <= 6000
+    assert summary["queries"]["surrogate_images"] > 6000  # the warm start and the priors
+    # the surrogate is the API's own network here, so its prior is the true gradient
+    assert summary["val_accuracy"] > 0.3, summary
+
+
 # ------------------------------------------------------------------------------ equivalence
 class RecordingHttp(HttpOracle):
     """Hashes every uint8 batch exactly as it goes on the wire."""
@@ -140,14 +155,14 @@ def local_runs(model: SourceModel, digits: TargetDataset,
                ) -> Iterator[dict[str, tuple[FitResult, RecordingLocal, FitConfig]]]:
     with tempfile.TemporaryDirectory() as tmp:
         runs = {}
-        for est in ("rgf", "spsa", "prgf"):
+        for est in ("rgf", "spsa", "prgf", "cma"):
             cfg = _small_cfg(est, Path(tmp) / f"local-{est}.ckpt")
             oracle = RecordingLocal(model, quantize=True)
             runs[est] = (fit(cfg, oracle, digits), oracle, cfg)
         yield runs
 
 
-@pytest.mark.parametrize("estimator", ["rgf", "spsa", "prgf"])
+@pytest.mark.parametrize("estimator", ["rgf", "spsa", "prgf", "cma"])
 def test_http_fit_equals_local_uint8_fit(
     base_url: str, digits: TargetDataset, tmp_path: Path, estimator: str,
     local_runs: dict[str, tuple[FitResult, RecordingLocal, FitConfig]],
