@@ -1,0 +1,75 @@
+"""A small vision transformer for the zoo (``shapes-vit``), with room for prompt tokens.
+
+Patch embedding, a class token, learned position embeddings and pre-norm encoder blocks
+(Dosovitskiy et al., 2021). ``forward_tokens`` takes optional prompt tokens: shallow prompts
+``[P, D]`` are inserted after the class token before the first block; deep prompts
+``[L, P, D]`` replace the previous layer's prompt tokens before every block (Jia et al., 2022,
+Sec. 3.2). The prompt tokens get no position embedding.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class Block(nn.Module):
+    """Pre-norm block: ``x + attn(ln(x))`` then ``x + mlp(ln(x))``."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: int = 2) -> None:
+        super().__init__()
+        self.ln1 = nn.LayerNorm(dim)
+        self.attn = nn.MultiheadAttention(dim, heads, batch_first=True)
+        self.ln2 = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(
+            nn.Linear(dim, mlp_ratio * dim), nn.GELU(), nn.Linear(mlp_ratio * dim, dim)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.ln1(x)
+        x = x + self.attn(h, h, h, need_weights=False)[0]
+        return x + self.mlp(self.ln2(x))
+
+
+class ShapesViT(nn.Module):
+    """Normalized images ``[N, 3, S, S]`` -> logits ``[N, num_classes]``."""
+
+    def __init__(
+        self,
+        num_classes: int = 10,
+        image_size: int = 32,
+        patch: int = 4,
+        dim: int = 64,
+        depth: int = 6,
+        heads: int = 4,
+    ) -> None:
+        super().__init__()
+        self.dim, self.depth = dim, depth
+        self.patch_embed = nn.Conv2d(3, dim, patch, stride=patch)
+        n = (image_size // patch) ** 2
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos_embed = nn.Parameter(torch.randn(1, n + 1, dim) * 0.02)
+        self.blocks = nn.ModuleList(Block(dim, heads) for _ in range(depth))
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, num_classes)
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        t = self.patch_embed(x).flatten(2).transpose(1, 2)
+        cls = self.cls_token.expand(t.shape[0], -1, -1)
+        return torch.cat([cls, t], dim=1) + self.pos_embed
+
+    def forward_tokens(self, x: torch.Tensor, prompts: torch.Tensor | None = None) -> torch.Tensor:
+        """The class token's final representation ``[N, dim]`` with optional prompt tokens."""
+        h = self.embed(x)
+        n = h.shape[0]
+        p = 0 if prompts is None else prompts.shape[-2]
+        for i, block in enumerate(self.blocks):
+            if prompts is not None and (prompts.dim() == 3 or i == 0):
+                layer = prompts[i] if prompts.dim() == 3 else prompts
+                rest = h[:, 1 + p :] if i > 0 else h[:, 1:]
+                h = torch.cat([h[:, :1], layer.expand(n, -1, -1), rest], dim=1)
+            h = block(h)
+        return self.norm(h[:, 0])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.forward_tokens(x))
