@@ -2,7 +2,7 @@
 
 import torch
 
-from reprogram.zoo.vit import ShapesViT
+from reprogram.zoo.vit import Block, ShapesViT
 
 
 def _tiny() -> ShapesViT:
@@ -15,6 +15,7 @@ def test_no_prompts_matches_hand_written_forward() -> None:
     x = torch.rand(2, 3, 8, 8)
     h = m.embed(x)
     for b in m.blocks:
+        assert isinstance(b, Block)
         a = b.ln1(h)
         h = h + b.attn(a, a, a, need_weights=False)[0]
         h = h + b.mlp(b.ln2(h))
