@@ -336,7 +336,7 @@ def test_build_estimator_options() -> None:
     spsa = build_estimator("spsa", seed=0, n_draws=2)
     assert isinstance(spsa, SPSAEstimator) and spsa.queries_per_step == 5
     with pytest.raises(ConfigError, match="expected estimator kind"):
-        build_estimator("cma", seed=0)  # type: ignore[arg-type]
+        build_estimator("nes", seed=0)  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match="expected options"):
         build_estimator("rgf", seed=0, sigma=0.1)
     with pytest.raises(ConfigError):

@@ -91,7 +91,7 @@ def test_config_validation() -> None:
         cfg.lr = 1.0  # type: ignore[misc]
     bad: list[dict[str, Any]] = [
         {}, {"epochs": 0}, {"budget": 0}, {"epochs": 1, "program": "zoom"},
-        {"epochs": 1, "labelmap": "best"}, {"epochs": 1, "estimator": "cma"},
+        {"epochs": 1, "labelmap": "best"}, {"epochs": 1, "estimator": "nes"},
         {"epochs": 1, "optimizer": "lbfgs"}, {"epochs": 1, "schedule": "step"},
         {"epochs": 1, "batch_size": 0}, {"epochs": 1, "q": 0}, {"epochs": 1, "lr": 0},
         {"epochs": 1, "mu": -1.0}, {"epochs": 1, "checkpoint_every": 0},
@@ -126,7 +126,7 @@ def test_recommended_config() -> None:
     assert (cfg.budget, cfg.seed) == (1000, 5)
     assert recommended_config("rgf", epochs=2, q=3).q == 3
     with pytest.raises(ConfigError, match="estimator"):
-        recommended_config("cma", epochs=1)
+        recommended_config("nes", epochs=1)
     with pytest.raises(ConfigError, match="epochs or budget"):
         recommended_config("autograd")
 
