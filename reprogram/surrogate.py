@@ -110,8 +110,12 @@ def warm_start(cfg: FitConfig, surrogate: Surrogate, data: TargetDataset
     epoch on validation through the surrogate."""
     from reprogram.fit import fit
 
-    white = replace(cfg, estimator="autograd", surrogate=None, warm_start_epochs=0,
-                    epochs=cfg.warm_start_epochs, budget=None, checkpoint=None)
+    # autograd on the surrogate's scores: CMA-ES's mean-setting step and label votes belong
+    # to the black-box fit, so the warm start steps Adam and reads the surrogate's scores
+    optimizer = "adam" if cfg.optimizer == "cma" else cfg.optimizer
+    white = replace(cfg, estimator="autograd", optimizer=optimizer, label_votes=1,
+                    surrogate=None, warm_start_epochs=0, epochs=cfg.warm_start_epochs,
+                    budget=None, checkpoint=None)
     result = fit(white, surrogate.oracle, data, evaluate_test=False)
     log.info("warm start on %s: validation accuracy %.3f through the surrogate after %d "
              "steps", surrogate.name, result.best_val_accuracy, result.steps)
