@@ -52,7 +52,8 @@ METHODS: dict[str, dict[str, Any]] = {
     "bahng-pad": dict(PRESETS["bahng-pad"].values),
     "bahng-patch": dict(PRESETS["bahng-patch"].values),
     "ilm-vp": dict(PRESETS["ilm-vp"].values),
-    # our defaults for an endpoint (what `reprogram fit --endpoint` uses)
+    # our RGF defaults (what `reprogram fit --endpoint` uses above a budget of
+    # reprogram.defaults.CMA_MAX_BUDGET queries, and on top-k or label answers)
     "ours": _OURS,
     # ours with the zoo's surrogate (another network on the same task, never the API's own
     # weights): its gradient as P-RGF's prior, a white-box warm start on it, or both
@@ -62,8 +63,11 @@ METHODS: dict[str, dict[str, Any]] = {
                            warm_start_epochs=20),
     # for a label-only API: ours learning from label votes (reprogram.votes)
     "ours-votes": dict(_OURS, **LABEL_VOTES),
-    # CMA-ES on ours' grid and map (Black-Box Tuning's optimizer; no surrogate)
+    # CMA-ES on ours' grid and map (Black-Box Tuning's optimizer; no surrogate): what
+    # `reprogram fit --endpoint` uses up to CMA_MAX_BUDGET queries; and after the warm start
     "ours-cma": dict(RECOMMENDED["cma"], estimator="cma"),
+    "ours-warm-cma": dict(RECOMMENDED["cma"], estimator="cma", surrogate="shapes-resnet",
+                          warm_start_epochs=20),
     # our defaults with one ingredient changed, to show what each is worth
     "ours-antithetic": dict(_OURS, antithetic=True),
     "ours-no-grid": dict(_OURS, resolution=None),

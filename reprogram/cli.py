@@ -14,6 +14,7 @@ from typing import Any, NoReturn
 
 import torch
 
+from reprogram.defaults import CMA_MAX_BUDGET
 from reprogram.endpoint_args import add_endpoint_args, http_oracle, wire
 from reprogram.errors import ReprogramError
 from reprogram.http_transport import SERVE_RETRY
@@ -109,15 +110,17 @@ def build_parser() -> argparse.ArgumentParser:
                         "torchvision:ARCH, a model folder): its exact gradient guides the "
                         "black-box estimate (P-RGF) and a white-box fit on it starts the fit; "
                         "its queries are free and counted apart")
-    f.add_argument("--surrogate-use", choices=("both", "prior", "warm"), default="both",
-                   help="with --surrogate: the prior (estimator prgf), the warm start, or both "
-                        "(default)")
+    f.add_argument("--surrogate-use", choices=("warm", "prior", "both"), default="warm",
+                   help="with --surrogate: the warm start (default; it learned best per query "
+                        "on validation), the prior (estimator prgf), or both")
     f.add_argument("--warm-start-epochs", type=int, default=None, metavar="N",
                    help="epochs of the white-box warm start on the surrogate (default 20)")
     f.add_argument("--estimator", choices=("autograd", "rgf", "spsa", "prgf", "cma"),
                    default=None,
-                   help="gradient estimator (default: autograd for a local model, rgf for "
-                        "an endpoint or an ONNX model); cma: CMA-ES, one generation a step")
+                   help="gradient estimator (default: autograd for a local model; for an "
+                        "endpoint or an ONNX model cma up to a budget of "
+                        f"{CMA_MAX_BUDGET:,} queries on full scores, else rgf); cma: CMA-ES, "
+                        "one generation a step")
     f.add_argument("--q", type=int, default=None, help="RGF directions per step")
     f.add_argument("--mu", type=float, default=None, help="RGF smoothing radius")
     f.add_argument("--antithetic", action=argparse.BooleanOptionalAction, default=None)

@@ -18,7 +18,7 @@ from PIL import Image, UnidentifiedImageError
 from reprogram.artifact import Prompt, check_compatible, load_prompt, save_prompt
 from reprogram.config import FitConfig, recommended_config
 from reprogram.data import TargetDataset, load_dataset
-from reprogram.defaults import LABEL_VOTES
+from reprogram.defaults import LABEL_VOTES, WARM_START_EPOCHS, blackbox_estimator
 from reprogram.errors import ConfigError, DataError
 from reprogram.oracles import Oracle
 from reprogram.plots import learning_curve, program_picture
@@ -54,12 +54,14 @@ def capped_budget(budget: int | None) -> int | None:
 
 
 def fit_config_from_args(args: argparse.Namespace, differentiable: bool = True,
-                         label_only: bool = False) -> FitConfig:
+                         output: str = "probs") -> FitConfig:
     """The fit config of ``reprogram fit``: ``--preset NAME`` (an anchor method, every value
     as its paper's code sets it), or the recommended defaults, where the estimator defaults to
-    autograd on a differentiable local model and to rgf on an endpoint or an ONNX model, and a
-    label-only API adds label votes (:data:`reprogram.defaults.LABEL_VOTES`); the options
-    given on the command line override either."""
+    autograd on a differentiable local model and, on an endpoint or an ONNX model, to the
+    black-box estimator for the budget and answer kind (``output``: probs, logits, topk or
+    label; :func:`reprogram.defaults.blackbox_estimator`), and a label-only API adds label
+    votes (:data:`reprogram.defaults.LABEL_VOTES`); the options given on the command line
+    override either."""
     checkpoint = args.checkpoint or str(Path(args.out).with_suffix(".ckpt"))
     options = dict(
         program=args.program, inner_size=args.inner_size, resolution=args.resolution,
@@ -79,15 +81,24 @@ def fit_config_from_args(args: argparse.Namespace, differentiable: bool = True,
         from reprogram.presets import preset_config
 
         return preset_config(args.preset, **options)
-    estimator = options["estimator"] or (
-        "rgf" if args.endpoint or not differentiable else "autograd")
-    del options["estimator"]
-    if label_only:
+    estimator = options.pop("estimator") or _default_estimator(
+        options, bool(args.endpoint) or not differentiable, output)
+    if output == "label":
         options.update({k: v for k, v in LABEL_VOTES.items() if options.get(k) is None})
     return recommended_config(estimator, **options)
 
 
-WARM_START_EPOCHS = 20  # the warm start's default length (white-box epochs on the surrogate)
+# options that only RGF reads: given without --estimator, they ask for RGF
+_RGF_OPTIONS = ("q", "mu", "antithetic")
+
+
+def _default_estimator(options: dict[str, Any], black_box: bool, output: str) -> str:
+    if not black_box:
+        return "autograd"
+    if (any(options.get(k) is not None for k in _RGF_OPTIONS)
+            or options.get("optimizer") not in (None, "cma")):
+        return "rgf"
+    return blackbox_estimator(options["budget"], output)
 
 
 def _surrogate_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -133,8 +144,7 @@ def _scale(args: argparse.Namespace, cfg: FitConfig, oracle: Oracle,
 def cmd_fit(args: argparse.Namespace, oracle: Oracle) -> int:
     from reprogram.fit import fit
 
-    cfg = fit_config_from_args(args, oracle.differentiable,
-                               label_only=oracle.info.base_kind == "label")
+    cfg = fit_config_from_args(args, oracle.differentiable, oracle.info.base_kind)
     if cfg.epochs is None and cfg.budget is None:
         raise ConfigError("expected --budget N or --epochs N")
     out = Path(args.out)

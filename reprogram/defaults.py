@@ -33,6 +33,25 @@ SPSA_GC: dict[str, float] = {"alpha": 0.4, "o": 1.0, "beta": 0.9}
 # 32 images costs on probabilities with 2 votes; chosen on validation (README, "Label-only")
 LABEL_VOTES: dict[str, Any] = {"label_votes": 8, "vote_noise": 0.1, "batch_size": 8}
 
+# the black-box estimator `reprogram fit` picks when none is given: CMA-ES for a budget up to
+# CMA_MAX_BUDGET image queries on a probability API, RGF above it, for a fit bounded by epochs
+# alone, and on top-k or label answers (where CMA-ES was not measured). Validation means over 3
+# seeds (README, "Which estimator for which budget"): CMA-ES 0.431, 0.576, 0.613, 0.708 at 10k,
+# 30k, 50k, 70k against RGF's 0.292, 0.482, 0.572, 0.660; RGF 0.734 against 0.700 at 100k
+CMA_MAX_BUDGET = 80_000
+
+# the warm start's default length (white-box epochs on the surrogate)
+WARM_START_EPOCHS = 20
+
+
+def blackbox_estimator(budget: int | None, output: str = "probs") -> str:
+    """The default estimator of a black-box fit (:data:`CMA_MAX_BUDGET`); ``output`` is the
+    API's answer kind (``probs``, ``logits``, ``topk``, ``label``)."""
+    if output in ("probs", "logits") and budget is not None and budget <= CMA_MAX_BUDGET:
+        return "cma"
+    return "rgf"
+
+
 # what `reprogram fit` uses per estimator, on top of FitConfig's defaults
 RECOMMENDED: dict[str, dict[str, Any]] = {
     "autograd": {"program": "expand", "labelmap": "linear", "optimizer": "adam", "lr": 0.05,

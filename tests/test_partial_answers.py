@@ -91,11 +91,28 @@ def _args(*argv: str) -> argparse.Namespace:
 
 
 def test_a_label_only_api_gets_votes_by_default() -> None:
-    cfg = fit_config_from_args(_args(), differentiable=False, label_only=True)
+    cfg = fit_config_from_args(_args(), differentiable=False, output="label")
     assert (cfg.label_votes, cfg.vote_noise, cfg.batch_size) == (8, 0.1, 8)
     cfg = fit_config_from_args(_args("--label-votes", "1", "--batch-size", "32"),
-                               differentiable=False, label_only=True)
+                               differentiable=False, output="label")
     assert (cfg.label_votes, cfg.batch_size) == (1, 32)
     assert fit_config_from_args(_args(), differentiable=False).label_votes == 1
     cfg = fit_config_from_args(_args("--remainder", "floor"), differentiable=False)
     assert cfg.remainder == "floor"
+
+
+@pytest.mark.parametrize(("extra", "output", "estimator"), [
+    (["--budget", "80000"], "probs", "cma"), (["--budget", "80001"], "probs", "rgf"),
+    (["--budget", "30000"], "logits", "cma"), (["--budget", "30000"], "topk:5", "rgf"),
+    (["--budget", "30000"], "label", "rgf"), (["--epochs", "2"], "probs", "rgf"),
+    (["--budget", "30000", "--estimator", "spsa"], "probs", "spsa"),
+    (["--budget", "30000", "--q", "5"], "probs", "rgf"),
+    (["--budget", "30000", "--optimizer", "sgd"], "probs", "rgf")])
+def test_the_black_box_default_estimator_follows_the_budget_and_the_answers(
+        extra: list[str], output: str, estimator: str) -> None:
+    args = build_parser().parse_args(["fit", "--endpoint", "http://127.0.0.1:1", "--data",
+                                      "digits", "--out", "/tmp/p.safetensors", *extra])
+    cfg = fit_config_from_args(args, differentiable=False, output=output.split(":")[0])
+    assert cfg.estimator == estimator
+    if estimator == "cma":
+        assert cfg.optimizer == "cma"

@@ -15,7 +15,7 @@ import torchvision
 from safetensors.torch import save_file
 
 from reprogram.errors import ModelError
-from reprogram.zoo.registry import default_paths, load_default, load_model
+from reprogram.zoo.registry import ZOO, default_paths, load_default, load_model, load_zoo, zoo_paths
 from reprogram.zoo.shapes import SHAPE_CLASSES, generate_shapes
 from reprogram.zoo.train import train
 
@@ -33,18 +33,34 @@ def _record() -> dict[str, object]:
 
 # ------------------------------------------------------------------ the shipped model
 @pytest.mark.slow
-def test_evaluate_reports_heldout_accuracy_and_matching_sha256() -> None:
-    proc = subprocess.run([sys.executable, "-m", "reprogram.zoo.train", "--evaluate"],
+@pytest.mark.parametrize("name", sorted(ZOO))
+def test_evaluate_reports_heldout_accuracy_and_matching_sha256(name: str) -> None:
+    proc = subprocess.run([sys.executable, "-m", "reprogram.zoo.train", "--evaluate",
+                           "--model", name],
                           capture_output=True, text=True, timeout=180, cwd=ROOT, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout)
     assert result["heldout_accuracy"] >= 0.95
     assert result["heldout_images"] == 2000
-    weights = default_paths()[0]
-    assert result["weights_sha256"] == _record()["weights_sha256"] == _sha256(weights)
+    weights, meta = zoo_paths(name)
+    recorded = json.loads(meta.read_text())["weights_sha256"]
+    assert result["weights_sha256"] == recorded == _sha256(weights)
     assert result["sha256_matches"] is True
     assert result["heldout_accuracy"] == pytest.approx(result["recorded_heldout_accuracy"])
     assert weights.stat().st_size < 5 * 2**20
+
+
+@pytest.mark.parametrize("name", ["shapes-resnet", "shapes-vit"])
+def test_retrain_of_another_zoo_model_is_reproducible_and_loads(name: str,
+                                                                 tmp_path: Path) -> None:
+    kwargs: dict[str, int] = {"n_train": 128, "n_val": 20, "n_heldout": 20, "batch": 64}
+    record = train(tmp_path / "a", epochs=1, name=name, **kwargs)
+    again = train(tmp_path / "b", epochs=1, name=name, **kwargs)
+    assert again["weights_sha256"] == record["weights_sha256"]  # the recipe's seed
+    weights, meta = (tmp_path / "a" / f for f in ZOO[name])
+    model = load_zoo(name, weights, meta)
+    assert model.meta.class_names == SHAPE_CLASSES
+    assert model.module(torch.rand(2, 3, 32, 32)).shape == (2, 10)
 
 
 # ------------------------------------------------------------------ the source task

@@ -96,5 +96,10 @@ class ShapesResNet(nn.Module):
         return self.head(h.mean(dim=(2, 3)))
 
 
-ARCHITECTURES: dict[str, type[nn.Module]] = {"ShapesNet": ShapesNet,
-                                             "ShapesResNet": ShapesResNet}
+def _architectures() -> dict[str, type[nn.Module]]:
+    from reprogram.zoo.vit import ShapesViT
+
+    return {"ShapesNet": ShapesNet, "ShapesResNet": ShapesResNet, "ShapesViT": ShapesViT}
+
+
+ARCHITECTURES: dict[str, type[nn.Module]] = _architectures()

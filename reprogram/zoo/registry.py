@@ -26,7 +26,8 @@ DEFAULT_WEIGHTS = "default.safetensors"
 DEFAULT_META = "default.json"
 # the models shipped in the package: name -> (weights, metadata) file names
 ZOO = {"default": (DEFAULT_WEIGHTS, DEFAULT_META),
-       "shapes-resnet": ("shapes-resnet.safetensors", "shapes-resnet.json")}
+       "shapes-resnet": ("shapes-resnet.safetensors", "shapes-resnet.json"),
+       "shapes-vit": ("shapes-vit.safetensors", "shapes-vit.json")}
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -2,6 +2,7 @@
 
     python -m reprogram.zoo.train                     # retrain the default model (fixed seed)
     python -m reprogram.zoo.train --model shapes-resnet   # a small ResNet (a surrogate)
+    python -m reprogram.zoo.train --model shapes-vit      # a small ViT (for prompt tokens)
     python -m reprogram.zoo.train --evaluate          # held-out accuracy and sha256 as shipped
 
 Training takes a few minutes on 2 CPU cores (each model's record says how long). The held-out
@@ -38,7 +39,11 @@ RECIPES: dict[str, dict[str, object]] = {
     "default": {"architecture": "ShapesNet", "width": WIDTH, "train_seed": TRAIN_SEED,
                 "seed": 0},
     "shapes-resnet": {"architecture": "ShapesResNet", "width": 16, "train_seed": 11, "seed": 1},
+    # a transformer wants a smaller peak rate and more weight decay than the CNNs
+    "shapes-vit": {"architecture": "ShapesViT", "width": 64, "train_seed": 21, "seed": 2,
+                   "lr": 1e-3, "weight_decay": 0.05, "epochs": 10},
 }
+DEFAULT_EPOCHS = 8
 
 
 @torch.inference_mode()
@@ -85,8 +90,10 @@ def train(out_dir: Path, epochs: int, seed: int | None = None, *, name: str = "d
     net = ARCHITECTURES[arch](num_classes=len(SHAPE_CLASSES), width=width)
     model = torch.nn.Sequential(Normalize(mean, std), net)
     steps = epochs * (n_train // batch)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=5e-4)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=steps)
+    lr = float(recipe.get("lr", 3e-3))  # type: ignore[arg-type]
+    wd = float(recipe.get("weight_decay", 5e-4))  # type: ignore[arg-type]
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=wd)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps)
     gen = torch.Generator().manual_seed(seed)
     best, best_state = -1.0, None
     for epoch in range(epochs):
@@ -163,7 +170,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--evaluate", action="store_true", help="evaluate the shipped model")
     parser.add_argument("--out", type=Path, default=None,
                         help="output folder (default: the package's zoo folder)")
-    parser.add_argument("--epochs", type=int, default=8)
+    parser.add_argument("--epochs", type=int, default=None,
+                        help="training epochs (default: the model's recipe, else "
+                             f"{DEFAULT_EPOCHS})")
     parser.add_argument("--seed", type=int, default=None,
                         help="initialization seed (default: the model's recipe)")
     args = parser.parse_args(argv)
@@ -173,7 +182,9 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(res, indent=2))
         return 0 if res["sha256_matches"] else 1
     out = args.out or zoo_paths(args.model)[0].parent
-    record = train(out, args.epochs, args.seed, name=args.model)
+    recipe_epochs = RECIPES[args.model].get("epochs", DEFAULT_EPOCHS)
+    epochs = args.epochs or int(recipe_epochs)  # type: ignore[call-overload]
+    record = train(out, epochs, args.seed, name=args.model)
     print(json.dumps({k: record[k] for k in ("heldout_accuracy", "weights_sha256")}, indent=2))
     return 0
 

@@ -25,10 +25,15 @@ class Block(nn.Module):
             nn.Linear(dim, mlp_ratio * dim), nn.GELU(), nn.Linear(mlp_ratio * dim, dim)
         )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``key_mask`` ``[T]`` (True: ignored as a key) hides tokens from the others."""
         h = self.ln1(x)
-        x = x + self.attn(h, h, h, need_weights=False)[0]
+        x = x + self.attn(h, h, h, need_weights=False, key_padding_mask=_batch_mask(key_mask, x))[0]
         return x + self.mlp(self.ln2(x))
+
+
+def _batch_mask(mask: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor | None:
+    return None if mask is None else mask.unsqueeze(0).expand(x.shape[0], -1)
 
 
 class ShapesViT(nn.Module):
@@ -37,13 +42,14 @@ class ShapesViT(nn.Module):
     def __init__(
         self,
         num_classes: int = 10,
+        width: int = 64,
         image_size: int = 32,
         patch: int = 4,
-        dim: int = 64,
         depth: int = 6,
         heads: int = 4,
     ) -> None:
         super().__init__()
+        dim = width
         self.dim, self.depth = dim, depth
         self.patch_embed = nn.Conv2d(3, dim, patch, stride=patch)
         n = (image_size // patch) ** 2
@@ -58,17 +64,25 @@ class ShapesViT(nn.Module):
         cls = self.cls_token.expand(t.shape[0], -1, -1)
         return torch.cat([cls, t], dim=1) + self.pos_embed
 
-    def forward_tokens(self, x: torch.Tensor, prompts: torch.Tensor | None = None) -> torch.Tensor:
-        """The class token's final representation ``[N, dim]`` with optional prompt tokens."""
+    def forward_tokens(self, x: torch.Tensor, prompts: torch.Tensor | None = None,
+                       mask_prompts: bool = False) -> torch.Tensor:
+        """The class token's final representation ``[N, dim]`` with optional prompt tokens.
+
+        ``mask_prompts`` hides the prompt tokens from every other token (as keys): the output
+        is then the model's own, which the tests use to check the injection."""
         h = self.embed(x)
-        n = h.shape[0]
+        n, t = h.shape[0], h.shape[1]
         p = 0 if prompts is None else prompts.shape[-2]
+        mask = None
+        if prompts is not None and mask_prompts:
+            mask = torch.zeros(t + p, dtype=torch.bool, device=h.device)
+            mask[1 : 1 + p] = True
         for i, block in enumerate(self.blocks):
             if prompts is not None and (prompts.dim() == 3 or i == 0):
                 layer = prompts[i] if prompts.dim() == 3 else prompts
                 rest = h[:, 1 + p :] if i > 0 else h[:, 1:]
-                h = torch.cat([h[:, :1], layer.expand(n, -1, -1), rest], dim=1)
-            h = block(h)
+                h = torch.cat([h[:, :1], layer.expand(n, -1, -1).to(h.dtype), rest], dim=1)
+            h = block(h, mask)
         return self.norm(h[:, 0])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
