@@ -37,6 +37,7 @@ from reprogram.artifact_check import (
 from reprogram.errors import ArtifactError, ConfigError, DataError, ModelError
 from reprogram.fsutil import write_atomic
 from reprogram.labelmaps import LabelMapSpec, Remainder, build_labelmap
+from reprogram.oracles import Oracle
 from reprogram.pipeline import Reprogrammer
 from reprogram.programs import ProgramSpec, build_program
 
@@ -213,9 +214,27 @@ def identity_mismatch(recorded: dict[str, Any], current: dict[str, Any]) -> list
             and recorded[key] != current[key]]
 
 
+def _source_width(prompt: Prompt | PromptHeader, num_classes: int,
+                  oracle: Oracle | None) -> int:
+    """What the prompt's label map must read: the class count, or for token prompts with
+    VPT's head the ViT's width; token prompts are checked against the ViT's geometry."""
+    tokens = prompt.program.tokens
+    if tokens is None:
+        return num_classes
+    if oracle is None:
+        raise ArtifactError(f"prompt holds {prompt.program.kind} tokens, which need a local "
+                            f"vision transformer")
+    try:
+        adapter = oracle.token_adapter()
+        tokens.check_model(adapter)
+    except (ConfigError, ModelError) as exc:
+        raise ArtifactError(f"prompt holds {prompt.program.kind} tokens: {exc}") from None
+    return adapter.width if prompt.labelmap.kind == "head" else num_classes
+
+
 def check_compatible(prompt: Prompt | PromptHeader, input_size: tuple[int, int],
                      num_classes: int, fingerprint: dict[str, Any] | None = None, *,
-                     allow_unverified: bool = False) -> None:
+                     allow_unverified: bool = False, oracle: Oracle | None = None) -> None:
     """Raise :class:`ArtifactError` unless the prompt (or a prompt file's header, before any
     tensor is built) was made for a model of this shape and,
     as far as the model's fingerprint tells, this model.
@@ -223,13 +242,16 @@ def check_compatible(prompt: Prompt | PromptHeader, input_size: tuple[int, int],
     With weights SHA-256 on both sides they must agree. Without (an endpoint whose metadata
     gives none), the identity the metadata does give (name, versions, platform, shapes, class
     names) must agree unless ``allow_unverified``; either way the weights stay unverified,
-    which is logged."""
+    which is logged. Token prompts (``vpt-*``) also need ``oracle``: a local ViT of the
+    prompt's geometry (layers, width, patch)."""
     if tuple(prompt.program.frame_size) != tuple(input_size):
         raise ArtifactError(f"prompt was made for {list(prompt.program.frame_size)} inputs, "
                             f"this model takes {list(input_size)}")
-    if prompt.labelmap.num_source != num_classes:
-        raise ArtifactError(f"prompt was made for {prompt.labelmap.num_source} source classes, "
-                            f"this model has {num_classes}")
+    width = _source_width(prompt, num_classes, oracle)
+    if prompt.labelmap.num_source != width:
+        what = "features" if width != num_classes else "source classes"
+        raise ArtifactError(f"prompt was made for {prompt.labelmap.num_source} {what}, "
+                            f"this model has {width}")
     current = fingerprint or {}
     want = prompt.source.get("weights_sha256")
     have = current.get("weights_sha256")

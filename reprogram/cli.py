@@ -74,16 +74,19 @@ def build_parser() -> argparse.ArgumentParser:
                         "override it")
     f.add_argument("--program", default=None,
                    choices=("expand", "add-pad", "add-patch", "mask", "patch", "full",
-                            "coordinator", "pad"),
+                            "coordinator", "vpt-shallow", "vpt-deep", "pad"),
                    help="expand: sigmoid border around a shrunk image (ILM-VP); add-pad / "
                         "add-patch: border / corner patch added to the full-size image (Bahng "
                         "et al.); mask: tanh border around the image at native size (Elsayed "
                         "et al.; --weight-penalty is its lambda); patch: corner patch replacing "
                         "the image's; full: overlay on the whole frame; coordinator: BlackVIP's "
                         "input-dependent prompt from a frozen encoder (--coordinator-encoder); "
-                        "pad: deprecated alias "
+                        "vpt-shallow / vpt-deep: VPT's prompt tokens in the first / every layer "
+                        "of a local ViT (--tokens N; white-box); pad: deprecated alias "
                         "of expand, removed in the next release (default: expand for autograd, "
                         "full for rgf/spsa)")
+    f.add_argument("--tokens", type=int, default=None, metavar="N",
+                   help="vpt-shallow / vpt-deep: prompt tokens per layer (default 10)")
     f.add_argument("--coordinator-encoder", default=None, metavar="MODEL",
                    help="coordinator: the frozen local model whose features drive the "
                         "prompt: 'default' (the zoo's, the default) or a model folder, config "
@@ -102,8 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--resolution", type=int, default=None,
                    help="learn the program on an RxR grid upsampled to the frame")
     f.add_argument("--labelmap", default=None,
-                   choices=("first", "random", "frequency", "iterative", "linear"),
-                   help="source-to-target label mapping (default: linear, learned)")
+                   choices=("first", "random", "frequency", "iterative", "linear", "head"),
+                   help="source-to-target label mapping (default: linear, learned); head: "
+                        "VPT's linear head on a ViT's class token (token programs)")
     f.add_argument("--sources-per-target", type=int, default=None)
     f.add_argument("--surrogate", default=None, metavar="MODEL",
                    help="a local model of the same kind as the API's (e.g. shapes-resnet, "
@@ -184,6 +188,10 @@ def make_oracle(args: argparse.Namespace, budget: int | None = None) -> Any:
     if args.endpoint and args.model:
         raise ConfigError("expected --model or --endpoint, got both")
     if args.endpoint:
+        if getattr(args, "program", None) in ("vpt-shallow", "vpt-deep"):
+            from reprogram.oracles import TOKENS_NEED_WEIGHTS
+
+            raise ConfigError(TOKENS_NEED_WEIGHTS)
         retry = SERVE_RETRY if args.command == "serve" else None
         return http_oracle(args, budget=budget, retry=retry)
     from reprogram.oracles import LocalOracle

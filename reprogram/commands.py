@@ -18,7 +18,7 @@ from PIL import Image, UnidentifiedImageError
 from reprogram.artifact import Prompt, check_compatible, load_prompt, save_prompt
 from reprogram.config import FitConfig, recommended_config
 from reprogram.data import TargetDataset, load_dataset
-from reprogram.defaults import LABEL_VOTES, WARM_START_EPOCHS, blackbox_estimator
+from reprogram.defaults import LABEL_VOTES, TOKEN_PROGRAM, WARM_START_EPOCHS, blackbox_estimator
 from reprogram.errors import ConfigError, DataError
 from reprogram.oracles import Oracle
 from reprogram.plots import learning_curve, program_picture
@@ -75,16 +75,20 @@ def fit_config_from_args(args: argparse.Namespace, differentiable: bool = True,
         checkpoint=checkpoint, checkpoint_every=args.checkpoint_every,
         weight_penalty=args.weight_penalty, estimator=args.estimator,
         coordinator_encoder=args.coordinator_encoder, coordinator_eps=args.coordinator_eps,
+        tokens=args.tokens,
     )
     options.update(_surrogate_options(args))
     if getattr(args, "preset", None):
         from reprogram.presets import preset_config
 
         return preset_config(args.preset, **options)
+    # the budget as given picks the estimator, so a capped test run fits what a user's would
     estimator = options.pop("estimator") or _default_estimator(
-        options, bool(args.endpoint) or not differentiable, output)
+        dict(options, budget=args.budget), bool(args.endpoint) or not differentiable, output)
     if output == "label":
         options.update({k: v for k, v in LABEL_VOTES.items() if options.get(k) is None})
+    if options["program"] in ("vpt-shallow", "vpt-deep"):
+        options.update({k: v for k, v in TOKEN_PROGRAM.items() if options.get(k) is None})
     return recommended_config(estimator, **options)
 
 
@@ -195,7 +199,8 @@ def _prompt_for(args: argparse.Namespace, oracle: Oracle) -> Prompt:
     oracle.adopt_vocabulary(prompt.source.get("vocabulary"))
     info = oracle.info
     check_compatible(prompt, info.input_size, info.num_classes, info.fingerprint,
-                     allow_unverified=getattr(args, "allow_unverified_model", False))
+                     allow_unverified=getattr(args, "allow_unverified_model", False),
+                     oracle=oracle)
     return prompt
 
 

@@ -9,7 +9,7 @@ from typing import Any, Literal, get_args
 import torch
 
 from reprogram.cma import CMAStep, check_pairing
-from reprogram.defaults import ESTIMATOR, RECOMMENDED
+from reprogram.defaults import ESTIMATOR, RECOMMENDED, TOKEN_PROGRAM
 from reprogram.errors import ConfigError
 from reprogram.estimators import (
     EstimatorKind,
@@ -19,8 +19,9 @@ from reprogram.estimators import (
 )
 from reprogram.labelmaps import LabelMapKind, LabelMapScore, LabelMapSpec, Remainder
 from reprogram.losses import LossSpec
-from reprogram.program_spec import ProgramKind, ProgramSpec, canonical_kind
+from reprogram.program_spec import TOKEN_KINDS, ProgramKind, ProgramSpec, canonical_kind
 from reprogram.schedules import ScheduleSpec
+from reprogram.tokens import TokenDepth, TokenSpec, ViTAdapter
 
 __all__ = ["LEGACY", "RECOMMENDED", "FitConfig", "OptimizerKind", "recommended_config"]
 
@@ -43,6 +44,8 @@ class FitConfig:
     uses ``momentum`` as its gradient-correction ``beta``; ``schedule`` is then not used.
     ``surrogate`` names a local model for the transfer prior of ``estimator="prgf"`` and for a
     white-box warm start of ``warm_start_epochs`` epochs (:mod:`reprogram.surrogate`).
+    ``program="vpt-shallow"`` or ``"vpt-deep"`` (VPT, :mod:`reprogram.tokens`) learns
+    ``tokens`` prompt tokens of a local ViT, with ``labelmap="head"`` for VPT's linear head.
     ``program="coordinator"`` (BlackVIP) takes its frozen encoder from the model named by
     ``coordinator_encoder`` and scales its prompt by ``coordinator_eps`` (pixels).
     ``estimator="cma"`` (CMA-ES, :mod:`reprogram.cma`) draws ``cma_popsize`` candidates at
@@ -101,6 +104,7 @@ class FitConfig:
     coordinator_eps: float = 1.0
     surrogate: str | None = None
     warm_start_epochs: int = 0
+    tokens: int = TOKEN_PROGRAM["tokens"]
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "program", canonical_kind(self.program))  # "pad" -> "expand"
@@ -129,6 +133,12 @@ class FitConfig:
             if not 0 < float(getattr(self, name)) < math.inf:
                 raise ConfigError(f"expected a finite {name} > 0, got {getattr(self, name)}")
         self._check_surrogate()
+        if isinstance(self.tokens, bool) or not isinstance(self.tokens, int) or self.tokens < 0:
+            raise ConfigError(f"expected tokens an int >= 0, got {self.tokens!r}")
+        if self.labelmap == "head" and self.program not in TOKEN_KINDS:
+            raise ConfigError(f"expected a token program (vpt-shallow, vpt-deep) for the head "
+                              f"label map, got {self.program!r}; pixel programs map the source "
+                              f"scores (--labelmap linear)")
         check_pairing(self.estimator, self.optimizer)
         if not isinstance(self.coordinator_encoder, str) or not self.coordinator_encoder:
             raise ConfigError(f"expected coordinator_encoder a model name, got "
@@ -168,11 +178,21 @@ class FitConfig:
         known = {f.name for f in fields(cls)}
         return cls(**{**LEGACY, **{k: v for k, v in d.items() if k in known}})
 
-    def program_spec(self, frame_size: tuple[int, int],
-                     native_size: int | None = None) -> ProgramSpec:
+    def program_spec(self, frame_size: tuple[int, int], native_size: int | None = None,
+                     vit: ViTAdapter | None = None) -> ProgramSpec:
         """The program's geometry on a ``frame_size`` input; ``native_size`` (the target
-        images' shorter side) is what ``inner_size="native"`` embeds them at."""
+        images' shorter side) is what ``inner_size="native"`` embeds them at; ``vit`` is the
+        model's ViT geometry, which token programs need."""
         side = min(frame_size)
+        if self.program in TOKEN_KINDS:
+            if vit is None:
+                raise ConfigError(f"expected a ViT's geometry for a {self.program} program, "
+                                  f"got none")
+            depth: TokenDepth = "shallow" if self.program == "vpt-shallow" else "deep"
+            tokens = TokenSpec(depth=depth, tokens=self.tokens, layers=vit.layers,
+                               width=vit.width, patch=vit.patch)
+            return ProgramSpec(kind=self.program, frame_size=frame_size, inner_size=side,
+                               tokens=tokens)
         if self.inner_size == "native":
             if native_size is None:
                 raise ConfigError("expected the target images' size for inner_size 'native', "

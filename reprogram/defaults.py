@@ -52,6 +52,10 @@ def blackbox_estimator(budget: int | None, output: str = "probs") -> str:
     return "rgf"
 
 
+# what `reprogram fit` adds for a token program (vpt-shallow, vpt-deep): VPT's own head on the
+# class token (Jia et al. 2022, Sec. 3.2: the source classifier is discarded) and 10 tokens
+TOKEN_PROGRAM: dict[str, Any] = {"labelmap": "head", "tokens": 10}
+
 # what `reprogram fit` uses per estimator, on top of FitConfig's defaults
 RECOMMENDED: dict[str, dict[str, Any]] = {
     "autograd": {"program": "expand", "labelmap": "linear", "optimizer": "adam", "lr": 0.05,

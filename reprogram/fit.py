@@ -31,6 +31,7 @@ from reprogram.labelmaps import build_labelmap
 from reprogram.oracles import Oracle
 from reprogram.pipeline import Reprogrammer
 from reprogram.prgf import PRGFEstimator
+from reprogram.program_spec import TOKEN_KINDS
 from reprogram.programs import build_program
 from reprogram.surrogate import Surrogate, warm_start
 from reprogram.votes import vote_noise
@@ -131,9 +132,12 @@ class Fitter:
         self.train, self.val, self.test = data.split(cfg.val_fraction, cfg.test_fraction,
                                                      cfg.seed)
         info = oracle.info
-        spec = cfg.program_spec(info.input_size, native_size=min(data.images.shape[2:]))
+        vit = oracle.token_adapter() if cfg.program in TOKEN_KINDS else None
+        spec = cfg.program_spec(info.input_size, native_size=min(data.images.shape[2:]),
+                                vit=vit)
         program = build_program(spec, seed=cfg.seed)
-        labelmap = build_labelmap(cfg.labelmap_spec(info.num_classes, data.num_classes))
+        num_source = vit.width if vit is not None and cfg.labelmap == "head" else info.num_classes
+        labelmap = build_labelmap(cfg.labelmap_spec(num_source, data.num_classes))
         self.model = Reprogrammer(program, labelmap, floor=cfg.floor, remainder=cfg.remainder,
                                   weight_penalty=cfg.weight_penalty).to(oracle.device)
         if init is not None:  # a warm start (reprogram.surrogate.warm_start)

@@ -9,6 +9,9 @@ Kinds (see DESIGN.md sections 3 and 4):
 - ``iterative``: ``frequency`` re-fitted every epoch under the current program (ILM-VP "ILM").
 - ``linear``: a learned ``K_s x K_t`` matrix on the observed scores (AutoVP "FullyMap", Tsao et
   al. 2024). Its gradient is exact even in black-box mode since the scores are observed.
+- ``head``: VPT's linear head (Jia et al. 2022) on a ViT's class-token representation
+  ``[..., D]`` instead of the source scores (``num_source`` is then ``D``): the source
+  classifier is discarded. Needs a local ViT (:mod:`reprogram.tokens`).
 
 Every map takes SOURCE LOG-SCORES (logits, or the log of probabilities; see
 :func:`to_log_scores`); leading dimensions are arbitrary (estimators pass ``[P, N, K_s]``).
@@ -42,7 +45,9 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-LabelMapKind = Literal["first", "random", "frequency", "iterative", "linear"]
+LabelMapKind = Literal["first", "random", "frequency", "iterative", "linear", "head"]
+# kinds with a learned weight and bias (the others hold a discrete assignment)
+LEARNED_KINDS = ("linear", "head")
 # how a frequency map scores (source, target) pairs: top-1 counts (ILM-VP), or the mean
 # probability of a source among an image's top-k predictions (BAR's code)
 LabelMapScore = Literal["top1", "top-prob"]
@@ -104,8 +109,8 @@ class LabelMapSpec:
     """Configuration of a :class:`LabelMap` (JSON-safe via ``to_dict``).
 
     Attributes:
-        kind: ``first`` | ``random`` | ``frequency`` | ``iterative`` | ``linear``.
-        num_source: ``K_s``, the number of source classes.
+        kind: ``first`` | ``random`` | ``frequency`` | ``iterative`` | ``linear`` | ``head``.
+        num_source: ``K_s``, the number of source classes (``head``: the feature width).
         num_target: ``K_t``, the number of target classes.
         sources_per_target: ``m`` source classes per target class (discrete kinds); their
             scores are averaged as ``logsumexp - log m`` (the mean of probabilities). Must be
@@ -130,9 +135,10 @@ class LabelMapSpec:
         k_t = check_int("num_target", self.num_target, 1)
         m = check_int("sources_per_target", self.sources_per_target, 1)
         check_int("seed", self.seed, 0)
-        if self.kind == "linear":
+        if self.kind in LEARNED_KINDS:
             if m != 1:
-                raise ConfigError(f"expected sources_per_target=1 for a linear map, got {m}")
+                raise ConfigError(f"expected sources_per_target=1 for a {self.kind} map, "
+                                  f"got {m}")
         elif m * k_t > k_s:
             raise ConfigError(
                 f"expected sources_per_target * num_target <= num_source = {k_s} for a "
@@ -203,6 +209,12 @@ class LabelMap(nn.Module):
         k_s, k_t, m = spec.num_source, spec.num_target, spec.sources_per_target
         self.weight: nn.Parameter | None = None
         self.bias: nn.Parameter | None = None
+        if spec.kind == "head":  # torch's nn.Linear initialization, seeded
+            gen = torch.Generator().manual_seed(spec.seed)
+            bound = 1.0 / math.sqrt(k_s)
+            self.weight = nn.Parameter((torch.rand(k_s, k_t, generator=gen) * 2 - 1) * bound)
+            self.bias = nn.Parameter((torch.rand(k_t, generator=gen) * 2 - 1) * bound)
+            return
         if spec.kind == "linear":
             n = min(k_s, k_t)
             weight = torch.zeros(k_s, k_t)
@@ -223,6 +235,11 @@ class LabelMap(nn.Module):
         return self.spec.kind in ("frequency", "iterative")
 
     @property
+    def reads_features(self) -> bool:
+        """True for ``head``: it reads a ViT's class-token features, not source scores."""
+        return self.spec.kind == "head"
+
+    @property
     def refit_every_epoch(self) -> bool:
         """True only for ``iterative`` (ILM-VP): re-fit under the current program each epoch."""
         return self.spec.kind == "iterative"
@@ -241,6 +258,8 @@ class LabelMap(nn.Module):
             raise DataError(
                 f"expected source log-scores [..., {k_s}], got shape {tuple(log_scores.shape)}"
             )
+        if self.spec.kind == "head" and self.weight is not None and self.bias is not None:
+            return log_scores @ self.weight.to(log_scores.dtype) + self.bias.to(log_scores.dtype)
         if self.weight is not None and self.bias is not None:
             n = k_s if active is None else max(1, min(int(active), k_s))
             normalized = F.log_softmax(log_scores[..., :n], dim=-1)

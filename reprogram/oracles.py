@@ -11,8 +11,9 @@ from __future__ import annotations
 import logging
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +21,16 @@ import torch.nn.functional as F
 from reprogram.errors import BudgetExhausted, ConfigError, DataError
 from reprogram.pixels import clamp01
 from reprogram.zoo.registry import SourceModel
+
+if TYPE_CHECKING:
+    from reprogram.tokens import ViTAdapter
+
+# why a token prompt cannot be learned or applied through an API
+TOKENS_NEED_WEIGHTS = (
+    "expected a local vision transformer for token prompts (vpt-shallow, vpt-deep), got an "
+    "endpoint: the tokens enter the model's layers, which an API does not expose; fit them on "
+    "the weights (reprogram fit --model MODEL) or on the model owner's server, or learn a pixel "
+    "program through the API (--program full, the default)")
 
 log = logging.getLogger(__name__)
 
@@ -143,29 +154,54 @@ class Oracle(ABC):
     def can_afford(self, n_images: int) -> bool:
         return self.budget is None or self.images_used + n_images <= self.budget
 
-    def query(self, x: torch.Tensor) -> torch.Tensor:
-        """Scores over the source classes for ``x`` float ``[N, 3, H, W]`` in [0, 1]."""
+    def _admit(self, x: torch.Tensor, n: int) -> None:
+        """Check images ``x`` and that ``n`` more image evaluations are affordable."""
         h, w = self.info.input_size
         if x.ndim != 4 or x.shape[1] != 3 or tuple(x.shape[2:]) != (h, w):
             raise DataError(f"expected images [N,3,{h},{w}], got {tuple(x.shape)}")
         if not x.is_floating_point():
             raise DataError(f"expected float images in [0,1], got {x.dtype}")
-        n = int(x.shape[0])
         if not self.can_afford(n):
             raise BudgetExhausted(f"image budget {self.budget} would be exceeded: "
                                   f"{self.images_used} used, {n} more asked")
         if self.max_requests is not None and self.requests_used >= self.max_requests:
             raise BudgetExhausted(f"request cap {self.max_requests} reached")
-        if n == 0:
-            return x.new_zeros((0, self.info.num_classes))
+
+    def _timed(self, n: int, run: Callable[[], tuple[torch.Tensor, int]]) -> torch.Tensor:
         t0 = time.perf_counter()
         try:
-            scores, requests = self._query(clamp01(x))
+            scores, requests = run()
         finally:
             self.query_seconds += time.perf_counter() - t0
         self.images_used += n
         self.requests_used += requests
         return scores
+
+    def query(self, x: torch.Tensor) -> torch.Tensor:
+        """Scores over the source classes for ``x`` float ``[N, 3, H, W]`` in [0, 1]."""
+        n = int(x.shape[0]) if x.ndim else 0
+        self._admit(x, n)
+        if n == 0:
+            return x.new_zeros((0, self.info.num_classes))
+        return self._timed(n, lambda: self._query(clamp01(x)))
+
+    def token_adapter(self) -> ViTAdapter:
+        """How to run the model with prompt tokens (:mod:`reprogram.tokens`)."""
+        raise ConfigError(TOKENS_NEED_WEIGHTS)
+
+    def query_tokens(self, x: torch.Tensor, tokens: torch.Tensor,
+                     features: bool = False) -> torch.Tensor:
+        """Scores ``[P * N, K_s]`` (or the class token's features ``[P * N, D]``) for images
+        ``x`` ``[N, 3, H, W]`` under each of ``P`` token prompts ``tokens [P, ...]``; every
+        (prompt, image) pair counts as one image evaluation."""
+        adapter = self.token_adapter()
+        n = int(x.shape[0]) * int(tokens.shape[0]) if x.ndim else 0
+        self._admit(x, n)
+        return self._timed(n, lambda: self._query_tokens(adapter, clamp01(x), tokens, features))
+
+    def _query_tokens(self, adapter: ViTAdapter, x: torch.Tensor, tokens: torch.Tensor,
+                      features: bool) -> tuple[torch.Tensor, int]:
+        raise ConfigError(TOKENS_NEED_WEIGHTS)
 
     def adopt_vocabulary(self, names: object) -> None:
         """Give the class names a prompt recorded (``source.vocabulary``) the slots they had
@@ -228,6 +264,7 @@ class LocalOracle(Oracle):
         self._output = output
         self._fingerprint = model.meta.fingerprint()
         self._cached: tuple[int, ModelInfo] | None = None
+        self._adapter: ViTAdapter | None = None
 
     @property
     def info(self) -> ModelInfo:
@@ -279,20 +316,48 @@ class LocalOracle(Oracle):
         out[rows[keep], slots[keep]] = top.values[keep]
         return out.detach()
 
-    def _query(self, x: torch.Tensor) -> tuple[torch.Tensor, int]:
-        x = x.to(self._device)
+    def _wire(self, x: torch.Tensor) -> torch.Tensor:
+        """What the wire delivers: 8 bits, or a JPEG round trip (straight-through)."""
         if self.quantize:
             x = quantize_uint8(x)
         if self.wire.kind == "jpeg":
             from reprogram.wire import jpeg_roundtrip
 
             x = x + (jpeg_roundtrip(x, self.wire.quality) - x).detach()
+        return x
+
+    def _query(self, x: torch.Tensor) -> tuple[torch.Tensor, int]:
+        x = self._wire(x.to(self._device))
         chunks = [self.model.module(x[i : i + self.max_batch])
                   for i in range(0, x.shape[0], self.max_batch)]
         logits = torch.cat(chunks)
         if self.vocabulary is not None:
             return self._named(logits), 1
         return reduce_scores(logits, self._output), 1
+
+
+    def token_adapter(self) -> ViTAdapter:
+        if self._adapter is None:
+            from reprogram.tokens import vit_adapter
+
+            if not self.model.differentiable:
+                raise ConfigError("expected a torch model for token prompts, got one without "
+                                  "its layers (ONNX); load the ViT as a state dict")
+            self._adapter = vit_adapter(self.model.module)
+        return self._adapter
+
+    def _query_tokens(self, adapter: ViTAdapter, x: torch.Tensor, tokens: torch.Tensor,
+                      features: bool) -> tuple[torch.Tensor, int]:
+        if self.vocabulary is not None:
+            raise ConfigError("expected probs, logits, topk or label answers for token "
+                              "prompts, got class names")
+        x = self._wire(x.to(self._device))
+        out = []
+        for prompt in tokens.to(self._device):
+            for i in range(0, x.shape[0], self.max_batch):
+                f = adapter.features(x[i : i + self.max_batch], prompt)
+                out.append(f if features else reduce_scores(adapter.head(f), self._output))
+        return torch.cat(out), 1
 
 
 class OracleWrapper(Oracle):
@@ -318,3 +383,10 @@ class OracleWrapper(Oracle):
 
     def _query(self, x: torch.Tensor) -> tuple[torch.Tensor, int]:
         return self.inner._query(x)
+
+    def token_adapter(self) -> ViTAdapter:
+        return self.inner.token_adapter()
+
+    def _query_tokens(self, adapter: ViTAdapter, x: torch.Tensor, tokens: torch.Tensor,
+                      features: bool) -> tuple[torch.Tensor, int]:
+        return self.inner._query_tokens(adapter, x, tokens, features)

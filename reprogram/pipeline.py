@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from reprogram.errors import ConfigError
 from reprogram.estimators import Objective
 from reprogram.labelmaps import (
     LabelMap,
@@ -21,7 +22,7 @@ from reprogram.labelmaps import (
 )
 from reprogram.losses import LossSpec
 from reprogram.oracles import Oracle
-from reprogram.programs import Program
+from reprogram.programs import Program, TokenProgram
 
 DEFAULT_FLOOR = 1e-6
 
@@ -55,15 +56,33 @@ class Reprogrammer(nn.Module):
         log of its mean source probability (what BAR's focal loss reads). ``noise``
         ``[V, 3, H, W]`` queries every frame V times with each noise added and averages the
         answers (label votes, :mod:`reprogram.votes`)."""
+        answers = self._answers(x_t, thetas, oracle, noise)
+        return self._target_logits(answers, oracle, log_probs).view(
+            thetas.shape[0], x_t.shape[0], -1)
+
+    def _answers(self, x_t: Tensor, thetas: Tensor, oracle: Oracle,
+                 noise: Tensor | None = None) -> Tensor:
+        """What the oracle answers for every (candidate, image) pair, ``[P * N, K]``: source
+        scores, or a ViT's class-token features for the ``head`` map."""
         frames = self.program.render_candidates(x_t, thetas)
         p, n = frames.shape[:2]
+        if isinstance(self.program, TokenProgram):
+            if noise is not None:
+                raise ConfigError("expected no label votes with token prompts")
+            return oracle.query_tokens(frames[0], thetas, features=self.labelmap.reads_features)
+        if self.labelmap.reads_features:
+            raise ConfigError("expected a token program (vpt-shallow, vpt-deep) for the head "
+                              "label map; pixel programs read the source scores")
         if noise is None:
-            scores = oracle.query(frames.flatten(0, 1))
-        else:
-            noisy = frames[:, :, None] + noise.to(frames)[None, None]
-            scores = oracle.query(noisy.flatten(0, 2))
-            scores = scores.view(p * n, noise.shape[0], -1).mean(dim=1)
-        log_scores = self.log_scores(scores, oracle).view(p, n, -1)
+            return oracle.query(frames.flatten(0, 1))
+        noisy = frames[:, :, None] + noise.to(frames)[None, None]
+        scores = oracle.query(noisy.flatten(0, 2))
+        return scores.view(p * n, noise.shape[0], -1).mean(dim=1)
+
+    def _target_logits(self, answers: Tensor, oracle: Oracle, log_probs: bool = False) -> Tensor:
+        if self.labelmap.reads_features:
+            return self.labelmap(answers)
+        log_scores = self.log_scores(answers, oracle)
         if log_probs:
             log_scores = F.log_softmax(log_scores, dim=-1)
         return self.labelmap(log_scores, oracle.info.active_classes)
@@ -90,21 +109,18 @@ class Reprogrammer(nn.Module):
 
     @torch.no_grad()
     def source_scores(self, images: Tensor, oracle: Oracle, batch_size: int = 256) -> Tensor:
-        """Source scores ``[N, K_s]`` of raw target images under the current program."""
+        """Source scores ``[N, K_s]`` of raw target images under the current program (a
+        ViT's class-token features ``[N, D]`` for the ``head`` map)."""
         theta = self.program.theta.detach()[None]
-        out = []
-        for i in range(0, len(images), batch_size):
-            frames = self.program.render_candidates(self.transform(images[i : i + batch_size]),
-                                                    theta)[0]
-            out.append(oracle.query(frames))
-        return torch.cat(out) if out else torch.zeros(0, oracle.info.num_classes)
+        out = [self._answers(self.transform(images[i : i + batch_size]), theta, oracle)
+               for i in range(0, len(images), batch_size)]
+        width = self.labelmap.spec.num_source
+        return torch.cat(out) if out else torch.zeros(0, width)
 
     @torch.no_grad()
     def predict_logits(self, images: Tensor, oracle: Oracle, batch_size: int = 256) -> Tensor:
         """Target logits ``[N, K_t]`` of raw target images (uint8 or [0,1])."""
-        scores = self.source_scores(images, oracle, batch_size)
-        return self.labelmap(self.log_scores(scores, oracle),
-                             oracle.info.active_classes)
+        return self._target_logits(self.source_scores(images, oracle, batch_size), oracle)
 
     @torch.no_grad()
     def predict_proba(self, images: Tensor, oracle: Oracle, batch_size: int = 256) -> Tensor:

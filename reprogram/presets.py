@@ -80,7 +80,7 @@ def _base(**values: Any) -> dict[str, Any]:
                            "momentum": 0.9, "loss": {"kind": "ce", "gamma": 2.0, "alpha": 0.8},
                            "schedule": {"kind": "constant"},
                            "coordinator_encoder": "default", "coordinator_eps": 1.0,
-                           "surrogate": None, "warm_start_epochs": 0}
+                           "surrogate": None, "warm_start_epochs": 0, "tokens": 10}
     out.update(values)
     return out
 

@@ -21,6 +21,9 @@ Kinds (what each renders; :mod:`reprogram.programs` draws them):
 - ``full``: ``clamp(embed(x_t) + M * tanh(theta), 0, 1)`` over the whole frame on a black
   background, ``M`` everywhere (``mask='none'``) or outside the image (``mask='border'``): the
   overlay this project's black-box defaults use.
+- ``vpt-shallow`` / ``vpt-deep``: Visual Prompt Tuning (Jia et al. 2022; :mod:`reprogram.tokens`):
+  no pixels change, the image fills the frame, and ``theta`` is the prompt tokens a frozen
+  ViT reads (``tokens`` names their geometry); white-box, on a local ViT.
 - ``coordinator``: BlackVIP's input-dependent prompt (Oh et al. 2023; :mod:`reprogram.coordinator`):
   ``clamp(x + eps * decoder(encoder(x), p_trigger), 0, 1)`` on the full-size image, ``theta``
   the decoder's and trigger's flat vector; ``coordinator`` names the frozen encoder.
@@ -46,6 +49,7 @@ from torch import Tensor
 
 from reprogram.coordinator import CoordinatorSpec, theta_dim
 from reprogram.errors import ConfigError, DataError, check_int, spec_fields
+from reprogram.tokens import TokenSpec
 
 __all__ = [
     "KIND_ALIASES",
@@ -57,12 +61,14 @@ __all__ = [
     "grid_shape",
 ]
 
-ProgramKind = Literal["expand", "add-pad", "add-patch", "mask", "patch", "full", "coordinator"]
+ProgramKind = Literal["expand", "add-pad", "add-patch", "mask", "patch", "full", "coordinator",
+                      "vpt-shallow", "vpt-deep"]
+TOKEN_KINDS = ("vpt-shallow", "vpt-deep")
 MaskKind = Literal["border", "none"]
 # old name -> new name; kept for one release so specs and artifacts written with it still load
 KIND_ALIASES: dict[str, str] = {"pad": "expand"}
 # kinds whose image fills the whole frame (inner is resized again to the frame)
-FULL_IMAGE_KINDS = ("add-pad", "add-patch", "patch", "coordinator")
+FULL_IMAGE_KINDS = ("add-pad", "add-patch", "patch", "coordinator", *TOKEN_KINDS)
 # kinds whose image is embedded in the centre with a border around it
 BORDER_KINDS = ("expand", "mask")
 
@@ -147,6 +153,8 @@ class ProgramSpec:
             additive kinds); ``coordinator`` always starts as BlackVIP does.
         coordinator: ``coordinator`` only: the encoder and decoder geometry
             (:class:`~reprogram.coordinator.CoordinatorSpec`).
+        tokens: ``vpt-*`` only: the prompt tokens' and the ViT's geometry
+            (:class:`~reprogram.tokens.TokenSpec`).
     """
 
     kind: ProgramKind
@@ -157,11 +165,14 @@ class ProgramSpec:
     mask: MaskKind = "none"
     init_std: float = 0.0
     coordinator: CoordinatorSpec | None = None
+    tokens: TokenSpec | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "kind", canonical_kind(self.kind))
         if isinstance(self.coordinator, Mapping):
             object.__setattr__(self, "coordinator", CoordinatorSpec.from_dict(self.coordinator))
+        if isinstance(self.tokens, Mapping):
+            object.__setattr__(self, "tokens", TokenSpec.from_dict(self.tokens))
         self.validate()
 
     def validate(self) -> None:
@@ -197,6 +208,7 @@ class ProgramSpec:
         if self.kind in ("patch", "add-patch") and patch > min(h, w):
             raise ConfigError(f"expected patch_size <= min(frame_size) = {min(h, w)}, got {patch}")
         self._validate_coordinator()
+        self._validate_tokens()
         if self.resolution is not None:
             res = check_int("resolution", self.resolution, 1)
             limit = patch if self.kind in ("patch", "add-patch") else min(h, w)
@@ -223,6 +235,22 @@ class ProgramSpec:
                               "draws the prompt at the frame's size)")
         self.coordinator.check_frame(self.frame_size)
 
+    def _validate_tokens(self) -> None:
+        if self.kind not in TOKEN_KINDS:
+            if self.tokens is not None:
+                raise ConfigError(f"expected no prompt tokens for a {self.kind} program")
+            return
+        if not isinstance(self.tokens, TokenSpec):
+            raise ConfigError(f"expected the token geometry for a {self.kind} program, got none")
+        if f"vpt-{self.tokens.depth}" != self.kind:
+            raise ConfigError(f"expected {self.kind} tokens, got {self.tokens.depth} ones")
+        if self.resolution is not None:
+            raise ConfigError(f"expected no resolution for a {self.kind} program (its "
+                              f"parameters are tokens, not pixels)")
+        if self.inner_size != min(self.frame_size):
+            raise ConfigError(f"expected inner_size {min(self.frame_size)} (the image fills "
+                              f"the frame) for a {self.kind} program, got {self.inner_size}")
+
     @property
     def area_size(self) -> tuple[int, int]:
         """``(H, W)`` of the area theta covers: the frame, or the patch for the patch kinds."""
@@ -236,6 +264,8 @@ class ProgramSpec:
         ``coordinator``."""
         if self.coordinator is not None:
             return (theta_dim(self.coordinator, self.frame_size),)
+        if self.tokens is not None:
+            return self.tokens.shape
         if self.resolution is not None:
             return (3, *grid_shape(self.resolution, self.area_size))
         return (3, *self.area_size)
@@ -250,6 +280,8 @@ class ProgramSpec:
         d["frame_size"] = list(self.frame_size)
         if self.coordinator is None:
             del d["coordinator"]  # artifacts of the other kinds read as before
+        if self.tokens is None:
+            del d["tokens"]
         return d
 
     @classmethod

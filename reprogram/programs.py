@@ -52,6 +52,7 @@ __all__ = [
     "Program",
     "ProgramKind",
     "ProgramSpec",
+    "TokenProgram",
     "build_program",
     "grid_shape",
 ]
@@ -300,6 +301,29 @@ class CoordinatorProgram(Program):
         return (self.coord.eps * self._prompts(grey, self.theta.detach()[None]))[0, 0]
 
 
+class TokenProgram(Program):
+    """VPT's prompt tokens (``vpt-shallow``, ``vpt-deep``): ``theta`` is the tokens
+    (:class:`~reprogram.tokens.TokenSpec`), no pixel changes, and the image fills the frame;
+    the oracle reads the tokens (:meth:`reprogram.oracles.Oracle.query_tokens`)."""
+
+    def render_candidates(self, x_t: Tensor, thetas: Tensor) -> Tensor:
+        """The frames ``[P, N, 3, H, W]``, the same for every candidate."""
+        if tuple(thetas.shape[1:]) != self.theta_shape:
+            raise DataError(f"expected thetas [P, {', '.join(map(str, self.theta_shape))}], "
+                            f"got shape {tuple(thetas.shape)}")
+        return self.frames(x_t)[None].expand(thetas.shape[0], -1, -1, -1, -1)
+
+    def frames(self, x_t: Tensor) -> Tensor:
+        """The image resized to fill the frame, ``[N, 3, H, W]`` in [0, 1]."""
+        self._check_input(x_t)
+        return clamp01(_resize(x_t.to(self.theta.dtype), self.spec.frame_size))
+
+    @torch.no_grad()
+    def delta(self) -> Tensor:
+        """No pixel changes: zeros ``[3, H, W]``."""
+        return torch.zeros(3, *self.spec.frame_size, device=self.theta.device)
+
+
 def build_program(spec: ProgramSpec, seed: int = 0) -> Program:
     """Build a :class:`Program`; theta ~ ``N(0, init_std^2)`` from ``torch.Generator(seed)``
     (``coordinator``: BlackVIP's initialization from ``seed``)."""
@@ -308,6 +332,8 @@ def build_program(spec: ProgramSpec, seed: int = 0) -> Program:
     if spec.coordinator is not None:
         decoder = coord.Decoder(spec.coordinator, spec.frame_size)
         return CoordinatorProgram(spec, decoder.initial(seed))
+    if spec.tokens is not None:
+        return TokenProgram(spec, spec.tokens.initial(seed))
     theta = torch.zeros(spec.theta_shape)
     if spec.init_std > 0:
         gen = torch.Generator().manual_seed(seed)

@@ -143,7 +143,8 @@ class PromptStore:
                 shared.oracle.adopt_vocabulary(header.source.get("vocabulary"))
                 info = shared.oracle.info
                 check_compatible(header, info.input_size, info.num_classes, info.fingerprint,
-                                 allow_unverified=self.allow_unverified)
+                                 allow_unverified=self.allow_unverified,
+                                 oracle=shared.oracle)
             except ArtifactError as exc:
                 raise IncompatiblePrompt(f"{label} does not fit the served model"
                                          f" {shared.oracle.info.name!r}: {exc}") from None
