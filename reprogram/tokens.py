@@ -102,7 +102,7 @@ class ViTAdapter(Protocol):
         ...
 
 
-def _insert(h: Tensor, prompts: Tensor | None, block: int, n_prev: int) -> Tensor:
+def insert_prompts(h: Tensor, prompts: Tensor | None, block: int, n_prev: int) -> Tensor:
     """Put block ``block``'s prompt tokens after the class token (VPT Sec. 3.2)."""
     if prompts is None or (prompts.dim() == 2 and block > 0):
         return h
@@ -137,7 +137,7 @@ class _TorchvisionViTAdapter(_Adapter):
         h = enc.dropout(h + enc.pos_embedding)
         p = 0 if prompts is None else prompts.shape[-2]
         for i, layer in enumerate(enc.layers):
-            h = layer(_insert(h, prompts, i, p if i > 0 else 0))
+            h = layer(insert_prompts(h, prompts, i, p if i > 0 else 0))
         return enc.ln(h)[:, 0]
 
     def head(self, features: Tensor) -> Tensor:

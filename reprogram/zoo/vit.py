@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from reprogram.tokens import insert_prompts
+
 
 class Block(nn.Module):
     """Pre-norm block: ``x + attn(ln(x))`` then ``x + mlp(ln(x))``."""
@@ -71,18 +73,14 @@ class ShapesViT(nn.Module):
         ``mask_prompts`` hides the prompt tokens from every other token (as keys): the output
         is then the model's own, which the tests use to check the injection."""
         h = self.embed(x)
-        n, t = h.shape[0], h.shape[1]
+        t = h.shape[1]
         p = 0 if prompts is None else prompts.shape[-2]
         mask = None
         if prompts is not None and mask_prompts:
             mask = torch.zeros(t + p, dtype=torch.bool, device=h.device)
             mask[1 : 1 + p] = True
         for i, block in enumerate(self.blocks):
-            if prompts is not None and (prompts.dim() == 3 or i == 0):
-                layer = prompts[i] if prompts.dim() == 3 else prompts
-                rest = h[:, 1 + p :] if i > 0 else h[:, 1:]
-                h = torch.cat([h[:, :1], layer.expand(n, -1, -1).to(h.dtype), rest], dim=1)
-            h = block(h, mask)
+            h = block(insert_prompts(h, prompts, i, p if i > 0 else 0), mask)
         return self.norm(h[:, 0])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
