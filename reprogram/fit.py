@@ -218,7 +218,11 @@ class Fitter:
             raise ConfigError(f"expected a checkpoint written by `reprogram fit` at "
                               f"{str(path)!r}, got another file")
         mine = {k: v for k, v in self.cfg.to_dict().items() if k != "checkpoint"}
-        theirs = {k: v for k, v in ck["config"].items() if k != "checkpoint"}
+        try:  # a config saved before a field existed ran as that field's default
+            saved = FitConfig.from_dict(ck["config"]).to_dict()
+        except (ConfigError, TypeError, ValueError):
+            saved = dict(ck["config"])
+        theirs = {k: v for k, v in saved.items() if k != "checkpoint"}
         if mine != theirs:
             diff = sorted(k for k in mine if mine.get(k) != theirs.get(k))
             raise ConfigError(f"checkpoint {str(path)!r} was made with other settings "

@@ -399,3 +399,19 @@ def test_budget_plan_matches_the_steps_taken(model: SourceModel, data: TargetDat
     if eval_every is None:  # at most 25 validations after the initial one, ~10% of the budget
         assert 2 <= len(result.history) <= 26
         assert (len(result.history) - 2) * n_val <= 0.1 * budget
+
+
+def test_a_checkpoint_saved_before_a_field_existed_resumes(model: SourceModel,
+                                                           data: TargetDataset,
+                                                           tmp_path: Path) -> None:
+    """A checkpoint written by an older release lacks the fields added since (here `tokens`):
+    they ran as their defaults, so it resumes; a changed value is still refused."""
+    cfg = _cfg(estimator="rgf", checkpoint=str(tmp_path / "run.pt"), checkpoint_every=2)
+    with pytest.raises(Killed):
+        fit(cfg, LocalOracle(model), data, callback=_kill_at(2))
+    ck = torch.load(str(tmp_path / "run.pt"), map_location="cpu", weights_only=True)
+    del ck["config"]["tokens"]
+    torch.save(ck, str(tmp_path / "run.pt"))
+    with pytest.raises(ConfigError, match=r"other settings \(lr\)"):
+        fit(dataclasses.replace(cfg, lr=0.2), LocalOracle(model), data, resume=True)
+    assert fit(cfg, LocalOracle(model), data, resume=True).steps == 16
