@@ -19,6 +19,7 @@ from reprogram.endpoint_args import add_endpoint_args, http_oracle, wire
 from reprogram.errors import ReprogramError
 from reprogram.http_transport import SERVE_RETRY
 from reprogram.presets import PRESETS
+from reprogram.remote import add_jobs_parser, cmd_jobs
 from reprogram.serving import add_serve_parser, cmd_serve
 
 log = logging.getLogger("reprogram")
@@ -158,6 +159,9 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--checkpoint-every", type=int, default=100)
     f.add_argument("--resume", action="store_true", help="continue from the checkpoint")
     f.add_argument("--no-progress", action="store_true", help="no progress bar")
+    f.add_argument("--on-server", action="store_true",
+                   help="with --endpoint: the server fits white-box on its own weights as a "
+                        "tuning job (it needs --fit-workers); the prompt is hosted there")
 
     e = sub.add_parser("eval", help="accuracy of a prompt on a dataset split")
     _model_args(e)
@@ -178,6 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--data", default=None, help="dataset for sample images in the picture")
 
     add_serve_parser(sub, _model_args)
+    add_jobs_parser(sub, _model_args)
     return parser
 
 
@@ -212,6 +217,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "inspect":
             return commands.cmd_inspect(args)
+        if args.command == "jobs":
+            return cmd_jobs(args)
+        if args.command == "fit" and args.on_server:
+            return commands.cmd_fit_on_server(args)
         oracle = make_oracle(args)
         handler = {"fit": commands.cmd_fit, "eval": commands.cmd_eval,
                    "apply": commands.cmd_apply, "serve": cmd_serve}[args.command]

@@ -83,8 +83,10 @@ def fit_config_from_args(args: argparse.Namespace, differentiable: bool = True,
 
         return preset_config(args.preset, **options)
     # the budget as given picks the estimator, so a capped test run fits what a user's would
+    black_box = ((bool(args.endpoint) and not getattr(args, "on_server", False))
+                 or not differentiable)
     estimator = options.pop("estimator") or _default_estimator(
-        dict(options, budget=args.budget), bool(args.endpoint) or not differentiable, output)
+        dict(options, budget=args.budget), black_box, output)
     if output == "label":
         options.update({k: v for k, v in LABEL_VOTES.items() if options.get(k) is None})
     if options["program"] in ("vpt-shallow", "vpt-deep"):
@@ -191,6 +193,28 @@ def cmd_fit(args: argparse.Namespace, oracle: Oracle) -> int:
         summary["scale_search"] = trials
         summary["inner_size"] = cfg.inner_size
     print(json.dumps(summary, indent=2))
+    return 0
+
+
+def cmd_fit_on_server(args: argparse.Namespace) -> int:
+    """``reprogram fit --endpoint URL --on-server``: the server fits the config a local
+    ``reprogram fit --model`` would, white-box, as a tuning job (:mod:`reprogram.remote`)."""
+    from reprogram.remote import fit_on_server
+
+    if not args.endpoint:
+        raise ConfigError("expected --endpoint URL with --on-server (the server that fits)")
+    for flag, given in (("--resume", args.resume), ("--scale", args.scale),
+                        ("--surrogate", args.surrogate), ("--model", args.model)):
+        if given:
+            raise ConfigError(f"expected no {flag} with --on-server: the server runs the fit")
+    cfg = fit_config_from_args(args, differentiable=True)
+    if cfg.epochs is None and cfg.budget is None:
+        raise ConfigError("expected --budget N or --epochs N")
+    out = Path(args.out)
+    if not out.parent.exists():
+        raise ConfigError(f"expected an existing folder for --out, got {str(out.parent)!r}")
+    result = fit_on_server(args, cfg, lambda total: _progress(total, not args.no_progress))
+    print(json.dumps(result, indent=2))
     return 0
 
 

@@ -22,8 +22,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import tempfile
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -36,11 +39,14 @@ from reprogram.errors import ConfigError, ProtocolError, ReprogramError
 from reprogram.oracles import LocalOracle, Oracle
 from reprogram.zoo.loaders import load_repository, repository_names, source_name
 from reprogram.zoo.registry import SourceModel, load_model
-from server import routes_ops, routes_prompts, routes_v1, routes_v2
+from server import routes_fits, routes_ops, routes_prompts, routes_v1, routes_v2
 from server.budget import TimeBudgetMiddleware
 from server.gate import GateMiddleware, KeyRing
 from server.hosted import OracleServable, SharedOracle
 from server.inference import ModelRunner, Registry, TooLarge
+from server.jobs.runner import JobRunner
+from server.jobs.service import FitService
+from server.jobs.store import JobStore
 from server.limits import content_length
 from server.observability import Metrics, ObservabilityMiddleware
 from server.openapi import install_openapi
@@ -253,6 +259,33 @@ async def _load_in_background(app: FastAPI, settings: Settings, names: list[str]
             registry.mark_failed(name, str(exc))
 
 
+def job_source(settings: Settings) -> dict[str, Any]:
+    """What a tuning job's worker loads: the model hosted prompts run on (the first of a
+    repository)."""
+    if settings.model_repository:
+        first = sorted(repository_names(settings.model_repository))[0]
+        return {"model": str(Path(settings.model_repository) / first)}
+    return {"model": settings.model, "weights": settings.weights,
+            "class_names": settings.class_names()}
+
+
+def _fit_service(settings: Settings, store: PromptStore,
+                 registry: Registry) -> FitService | None:
+    """The tuning-job service when ``--fit-workers`` > 0 (its runner starts with the app)."""
+    spec = settings.fits
+    if not spec.enabled:
+        return None
+    directory = spec.directory or tempfile.mkdtemp(prefix="reprogram-jobs-")
+    jobs = JobStore(directory)
+
+    def register(data: bytes, owner: str | None, label: str) -> str:
+        return store.add(data, owner=owner, label=label)[0].prompt_id
+
+    runner = JobRunner(jobs, workers=spec.workers, source=job_source(settings),
+                       threads=spec.threads, register=register, ready=lambda: store.ready)
+    return FitService(spec, jobs, runner, is_vit=store.serves_vit)
+
+
 def create_app(settings: Settings | None = None, model: SourceModel | None = None, *,
                oracle: Oracle | None = None,
                models: Sequence[tuple[str, SourceModel]] | None = None) -> FastAPI:
@@ -270,6 +303,10 @@ def create_app(settings: Settings | None = None, model: SourceModel | None = Non
     store = PromptStore(registry, settings.prompts_dir, max_bytes=settings.max_prompt_bytes,
                         max_images=settings.max_images_per_request,
                         max_pixels=settings.max_image_pixels)
+    if oracle is not None and settings.fits.enabled:
+        raise ConfigError("expected no --fit-workers in front of an API: tuning jobs need the"
+                          " model's weights")
+    fits = _fit_service(settings, store, registry)
     pending: list[str] = []
     if models is not None:
         _serve_models(registry, store, settings, models)
@@ -285,8 +322,12 @@ def create_app(settings: Settings | None = None, model: SourceModel | None = Non
         task = None
         if pending:
             task = asyncio.create_task(_load_in_background(app, settings, pending))
+        if fits is not None:
+            fits.runner.start()
         yield
         app.state.draining = True
+        if fits is not None:
+            await asyncio.to_thread(fits.runner.stop)
         if task is not None and not task.done():
             task.cancel()
 
@@ -298,6 +339,7 @@ def create_app(settings: Settings | None = None, model: SourceModel | None = Non
     app.state.settings = settings
     app.state.registry = registry
     app.state.prompts = store
+    app.state.fits = fits
     app.state.draining = False
     app.state.metrics = metrics = Metrics()
     app.state.ledger = Ledger(images_per_minute=settings.images_per_minute,
@@ -313,6 +355,7 @@ def create_app(settings: Settings | None = None, model: SourceModel | None = Non
     app.include_router(routes_v2.router)
     app.include_router(routes_v1.router)
     app.include_router(routes_prompts.router)
+    app.include_router(routes_fits.router)
     app.include_router(routes_ops.router)
     install_openapi(app, auth=keyring.enabled)
     return app

@@ -23,7 +23,7 @@ from reprogram.errors import ConfigError, ReprogramError
 from server.app import create_app, load_sources
 from server.gate import ENV_VAR, load_api_keys
 from server.lifecycle import serve
-from server.settings import LOG_LEVELS, OutputKind, Settings
+from server.settings import LOG_LEVELS, FitJobs, OutputKind, Settings
 
 logger = logging.getLogger(__name__)
 
@@ -91,6 +91,27 @@ def build_parser() -> argparse.ArgumentParser:
                    help="after SIGTERM: seconds with readiness false before the listener closes")
     g.add_argument("--shutdown-timeout", type=float, default=d.shutdown_timeout,
                    help="after SIGTERM: seconds that requests in flight may take to finish")
+    j = p.add_argument_group("tuning jobs (/v1/fits)")
+    f = FitJobs()
+    j.add_argument("--fit-workers", type=int, default=f.workers, metavar="N",
+                   help="tuning jobs run at once, each in its own process (default 0: off)")
+    j.add_argument("--jobs-dir", default="jobs", metavar="DIR",
+                   help="where jobs, their data sets and checkpoints live (default: jobs)")
+    j.add_argument("--fit-threads", type=int, default=f.threads, metavar="N",
+                   help="torch threads per job worker (default 1)")
+    j.add_argument("--fit-max-jobs", type=int, default=f.max_jobs, metavar="N",
+                   help="unfinished jobs per key (default 2)")
+    j.add_argument("--fit-quota", type=int, default=None, metavar="N",
+                   help="training image evaluations per key over all its jobs (default:"
+                        " unlimited)")
+    j.add_argument("--fit-max-files", type=int, default=f.max_files, metavar="N",
+                   help="images per data set (default 20000)")
+    j.add_argument("--fit-max-bytes", type=int, default=f.max_bytes, metavar="N",
+                   help="uncompressed bytes per data set (default 256 MiB)")
+    j.add_argument("--fit-max-pixels", type=int, default=f.max_pixels, metavar="N",
+                   help="pixels per data-set image, read from its header (default 1048576)")
+    j.add_argument("--allow-prompt-download", action="store_true",
+                   help="let a job's owner download the learned artifact")
     g.add_argument("--no-access-log", dest="access_log", action="store_false",
                    help="do not write one JSON line per request to stderr")
     g.add_argument("--no-server-timing", dest="server_timing", action="store_false",
@@ -134,6 +155,11 @@ def parse_settings(argv: Sequence[str] | None = None) -> Settings:
         max_response_bytes=args.max_response_bytes,
         body_timeout=args.body_timeout,
         request_timeout=args.request_timeout,
+        fits=FitJobs(workers=args.fit_workers, directory=args.jobs_dir,
+                     threads=args.fit_threads, max_jobs=args.fit_max_jobs,
+                     quota=args.fit_quota, max_files=args.fit_max_files,
+                     max_bytes=args.fit_max_bytes, max_pixels=args.fit_max_pixels,
+                     allow_download=args.allow_prompt_download),
     )
 
 

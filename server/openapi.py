@@ -20,15 +20,18 @@ from reprogram.protocol import ErrorResponse, InferenceRequest, InferenceRespons
 WHY: dict[int, str] = {
     400: "malformed request (the message says what was expected)",
     401: "missing or invalid API key (only when the server has keys)",
-    403: "the key's images quota is spent, or the operation is not allowed for it",
+    403: "the key's images quota is spent, or the operation is not allowed for it (tuning"
+         " jobs off, fit quota spent, prompt download not allowed)",
     404: "unknown model, version or prompt (other keys' prompts are unknown too)",
     408: "the body did not arrive within --body-timeout (the connection is closed)",
-    409: "the prompt id is taken",
+    409: "the prompt id is taken, or the tuning job has already ended",
     413: "over a size cap: body bytes, images per request, pixels per image or request, JSON"
          " size, answer size",
     415: "an upload that is not a PNG or JPEG image",
-    422: "invalid query parameters, or a prompt made for another model",
-    429: "rate limit reached: retry after Retry-After seconds",
+    422: "invalid query parameters, a prompt made for another model, or a data set or fit"
+         " config that cannot be trained on",
+    429: "rate limit reached: retry after Retry-After seconds (or too many unfinished tuning"
+         " jobs for the key)",
     503: "the model is still loading, failed to load, or the server is shutting down; or the"
          " request ran past --request-timeout (Retry-After)",
     507: "the prompt cannot be stored",

@@ -126,6 +126,22 @@ class PromptStore:
         """Use ``shared`` for every prompt from now on (call once the model is loaded)."""
         self._shared = shared
 
+    @property
+    def ready(self) -> bool:
+        """Whether the model is loaded (prompts can be added)."""
+        return self._shared is not None
+
+    def serves_vit(self) -> bool | None:
+        """Whether the model prompts run on is a ViT (token prompts fit it); None while it
+        loads."""
+        if self._shared is None:
+            return None
+        try:
+            self._shared.oracle.token_adapter()
+        except ReprogramError:
+            return False
+        return True
+
     def _oracle(self) -> SharedOracle:
         if self._shared is None:
             raise NotReady("the model is still loading; retry the prompt upload shortly")

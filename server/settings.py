@@ -109,6 +109,41 @@ class ApiKey:
 
 
 @dataclass(frozen=True, kw_only=True)
+class FitJobs:
+    """Tuning jobs (``/v1/fits``, :mod:`server.jobs`): off unless ``workers`` > 0.
+
+    ``workers``: jobs run at once, each in its own process with ``threads`` torch threads;
+    ``directory``: where jobs live (data sets, checkpoints, results; ``None``: a temporary
+    folder, lost at exit); per key: ``max_jobs`` unfinished jobs, ``quota`` image evaluations
+    in total over all its jobs (``None``: unlimited); per data set: ``max_files`` images,
+    ``max_bytes`` uncompressed, ``max_pixels`` per image; ``allow_download``: a job's owner
+    may download the learned artifact (``GET /v1/fits/{id}/prompt``), not only use it.
+    """
+
+    workers: int = 0
+    directory: str | None = None
+    threads: int = 1
+    max_jobs: int = 2
+    quota: int | None = None
+    max_files: int = 20_000
+    max_bytes: int = 256 * 1024 * 1024
+    max_pixels: int = 1024 * 1024
+    allow_download: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.workers, bool) or not isinstance(self.workers, int) or self.workers < 0:
+            raise ConfigError(f"expected --fit-workers N >= 0, got {self.workers!r}")
+        for name in ("threads", "max_jobs", "max_files", "max_bytes", "max_pixels"):
+            _positive(f"fit {name}", getattr(self, name))
+        if self.quota is not None:
+            _positive("fit quota", self.quota)
+
+    @property
+    def enabled(self) -> bool:
+        return self.workers > 0
+
+
+@dataclass(frozen=True, kw_only=True)
 class Settings:
     """Everything the operator chooses when starting the server.
 
@@ -132,6 +167,8 @@ class Settings:
     (decoded pixels of all of a request's images together), ``max_response_bytes`` (the
     encoded answer), ``body_timeout`` (seconds for the whole body to arrive) and
     ``request_timeout`` (seconds from the request's headers to its answer).
+
+    ``fits``: tuning jobs (:class:`FitJobs`), off by default.
     """
 
     model: str = "default"
@@ -162,6 +199,7 @@ class Settings:
     max_response_bytes: int = 64 * 1024 * 1024
     body_timeout: float = 60.0
     request_timeout: float = 120.0
+    fits: FitJobs = field(default_factory=FitJobs)
 
     def __post_init__(self) -> None:
         if isinstance(self.output, str):  # accept "topk:3" for convenience
