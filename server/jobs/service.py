@@ -76,10 +76,21 @@ def job_config(raw: object) -> FitConfig:
     try:
         cfg = recommended_config(str(estimator), **options)
     except (ConfigError, TypeError, ValueError) as exc:
-        raise BadConfig(f"invalid fit config: {exc}") from None
+        raise BadConfig(f"invalid fit config{_culprit(str(estimator), options)}: {exc}"
+                        ) from None
     if cfg.budget is None and cfg.epochs is None:
         raise BadConfig("expected 'budget' (image evaluations) or 'epochs' in the fit config")
     return cfg
+
+
+def _culprit(estimator: str, options: dict[str, Any]) -> str:
+    """`` (field 'lr')``: the first setting that fails on its own, to name it."""
+    for name, value in options.items():
+        try:
+            recommended_config(estimator, **{name: value})
+        except (ConfigError, TypeError, ValueError):
+            return f" (setting {name!r} = {value!r})"
+    return ""
 
 
 class FitService:
