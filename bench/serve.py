@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -108,6 +109,60 @@ def run(
     return rows
 
 
+def _latencies(client: httpx.Client, x: np.ndarray, n: int) -> list[float]:
+    call = _http_call(client, x, [])
+    out = []
+    for _ in range(n):
+        start = time.perf_counter()
+        call()
+        out.append(time.perf_counter() - start)
+    return out
+
+
+def _start_job(client: httpx.Client) -> str:
+    """Queue a long white-box fit on digits and wait until its worker is stepping."""
+    from reprogram.config import recommended_config
+    from reprogram.remote import submission
+
+    cfg = recommended_config("autograd", budget=10_000_000, seed=0)
+    r = client.post("/v1/fits", **submission("digits", cfg))
+    if r.status_code != 202:
+        raise RuntimeError(f"job refused: {r.status_code} {r.text[:200]}")
+    job_id = str(r.json()["id"])
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    while client.get(f"/v1/fits/{job_id}").json()["progress"]["step"] < 5:
+        if time.monotonic() > deadline:
+            raise RuntimeError("the job did not start")
+        time.sleep(0.2)
+    return job_id
+
+
+def during_fit(batch: int, requests: int, threads: int | None) -> dict[str, float]:
+    """p50 / p90 latency (ms) of V2 requests of ``batch`` images: idle, while a tuning job
+    runs in the server's worker process, and idle again after it is cancelled (one server)."""
+    env = dict(os.environ)
+    if threads is not None:
+        env["OMP_NUM_THREADS"] = str(threads)
+    x = generate_shapes(batch, seed=0)[0].numpy()
+    out: dict[str, float] = {}
+    with tempfile.TemporaryDirectory() as jobs, \
+            server_process(["--fit-workers", "1", "--jobs-dir", jobs], env=env) as base, \
+            httpx.Client(base_url=base, timeout=60.0) as client:
+        _latencies(client, x, 10)  # warm-up
+        phases = [("idle", None), ("job running", _start_job), ("idle after", None)]
+        job_id = None
+        for name, start in phases:
+            if start is not None:
+                job_id = start(client)
+            elif job_id is not None:
+                client.delete(f"/v1/fits/{job_id}")
+                time.sleep(1.0)
+            times = sorted(_latencies(client, x, requests))
+            out[f"{name} p50"] = 1000 * times[len(times) // 2]
+            out[f"{name} p90"] = 1000 * times[int(len(times) * 0.9)]
+    return out
+
+
 def format_table(rows: Sequence[Row]) -> str:
     """The printed table."""
     head = (f"{'batch':>5}  {'requests':>8}  {'in-process img/s':>16}  {'HTTP V2 binary img/s':>20}"
@@ -130,6 +185,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--batches", type=int, nargs="+", default=[64, 256])
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads in both processes (default: torch's own choice)")
+    p.add_argument("--during-fit", action="store_true",
+                   help="also: request latency while a tuning job runs, against idle")
     args = p.parse_args(argv)
     n = args.requests or (10 if args.quick else 300)
     if n < 1 or any(b < 1 or b > 4096 for b in args.batches) or (args.threads or 1) < 1:
@@ -144,6 +201,13 @@ def main(argv: Sequence[str] | None = None) -> int:
           f" {os.cpu_count()} CPUs, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')};"
           " timed in 5 alternating rounds")
     print(format_table(rows))
+    if args.during_fit:
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            lat = pool.submit(during_fit, 64, n, args.threads).result()
+        print(f"V2 latency of 64-image requests ({n} per phase), ms, one server with"
+              " --fit-workers 1:")
+        print("  ".join(f"{k} {v:.1f}" for k, v in lat.items()))
+        print(f"job running / idle p50: {lat['job running p50'] / lat['idle p50']:.2f}")
     return 0
 
 

@@ -126,7 +126,11 @@ def test_accuracy_refuses_white_box_over_an_endpoint(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_serve_quick_prints_a_throughput_ratio() -> None:
-    stdout = _bench("bench.serve", "--quick")
+    stdout = _bench("bench.serve", "--quick", "--during-fit")
+    latency = next(line for line in stdout.splitlines() if line.startswith("idle p50"))
+    values = latency.split()
+    assert values[values.index("running") + 2] and float(values[2]) > 0
+    assert "job running / idle p50:" in stdout
     header = next(line for line in stdout.splitlines() if "HTTP/in-process" in line)
     assert header.split()[0] == "batch"
     ratios = {}
