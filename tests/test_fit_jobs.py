@@ -256,3 +256,20 @@ def test_on_server_errors_are_one_line(tmp_path: Path) -> None:
         server.stop()
     assert proc.returncode == 1 and proc.stderr.count("\n") == 1
     assert "403" in proc.stderr and "--fit-workers" in proc.stderr
+
+
+def test_a_job_that_fails_keeps_its_error_in_words_and_hosts_nothing(
+        keyed: tuple[str, Path]) -> None:
+    url, root = keyed
+    alice = auth("alice")
+    before = httpx.get(f"{url}/v1/prompts", headers=alice).json()["prompts"]
+    archive = zip_of({f"{c}/{i}.png": _png(c, i) for c in "ab" for i in range(12)})
+    response = submit(url, {"budget": 10}, archive, alice)  # too small for two validations
+    assert response.status_code == 202, response.text
+    job_id = response.json()["id"]
+    done = wait_for(url, job_id, lambda j: j["state"] in ("failed", "succeeded"), alice)
+    assert done["state"] == "failed" and done["prompt"] is None
+    assert done["error"].startswith("expected a budget of at least")
+    assert "Traceback" not in done["error"]
+    assert not (root / "jobs" / job_id / "prompt.safetensors").exists()
+    assert httpx.get(f"{url}/v1/prompts", headers=alice).json()["prompts"] == before
