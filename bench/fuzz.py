@@ -92,7 +92,9 @@ def run(max_examples: int, seed: int, workers: int, timeout: float) -> tuple[int
         config = Path(tmp) / "schemathesis.toml"
         config.write_text(CONFIG.format(pid=pid, key=FUZZ_KEY))
         env = {**os.environ, "REPROGRAM_API_KEYS": f"fuzz:{FUZZ_KEY}"}
-        args = ["--prompts-dir", str(folder), "--no-access-log", "--max-images", "64"]
+        args = ["--prompts-dir", str(folder), "--no-access-log", "--max-images", "64",
+                "--fit-workers", "1", "--jobs-dir", str(Path(tmp) / "jobs"),
+                "--fit-quota", "20000"]
         with server_process(args, env=env) as url:
             cmd = schemathesis_command(url, config, max_examples, seed, workers)
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,

@@ -17,11 +17,12 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ConfigDict
 from starlette.datastructures import UploadFile
 
 from reprogram.errors import ProtocolError
@@ -38,6 +39,38 @@ DATA_FIELD = "data"
 CONFIG_FIELD = "config"
 EVENT_SECONDS = 0.5
 HEARTBEAT_SECONDS = 15.0
+
+
+class FitProgress(BaseModel):
+    """How far a job has come: steps, image evaluations against the budget, a fraction."""
+
+    model_config = ConfigDict(extra="allow")
+
+    step: int
+    steps: int | None
+    images: int
+    budget: int | None
+    fraction: float | None
+
+
+class FitJob(BaseModel):
+    """A tuning job as the API shows it (more fields may follow)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    id: str
+    state: Literal["queued", "running", "succeeded", "failed", "cancelled"]
+    progress: FitProgress
+    val_accuracy: float | None
+    curve: list[dict[str, Any]]
+    error: str | None
+    prompt: str | None
+
+
+class FitList(BaseModel):
+    """``GET /v1/fits``: the caller's jobs, oldest first."""
+
+    fits: list[FitJob]
 
 
 def service_of(request: Request) -> FitService:
@@ -80,8 +113,9 @@ async def _multipart(request: Request, service: FitService) -> tuple[object, byt
                             ) from None
 
 
-@router.post("", status_code=202, openapi_extra=_BODY,
-             responses=errors(400, 403, 413, 422, 429))
+@router.post("", status_code=202, openapi_extra=_BODY, response_model=FitJob,
+             responses={202: {"model": FitJob, "description": "queued (Location: the job)"},
+                        **errors(400, 403, 413, 422, 429)})
 async def submit(request: Request) -> JSONResponse:
     """Queue a white-box fit of the served model on the caller's data set."""
     service = service_of(request)
@@ -113,21 +147,21 @@ async def submit(request: Request) -> JSONResponse:
                         headers={"Location": f"/v1/fits/{job.id}"})
 
 
-@router.get("", responses=errors(403))
+@router.get("", response_model=FitList, responses=errors(403))
 def list_jobs(request: Request) -> dict[str, list[dict[str, Any]]]:
     """The caller's tuning jobs, oldest first."""
     service = service_of(request)
     return {"fits": [service.view(j) for j in service.store.list(_owner(request))]}
 
 
-@router.get("/{job_id}", responses=errors(403, 404))
+@router.get("/{job_id}", response_model=FitJob, responses=errors(403, 404))
 def show(job_id: str, request: Request) -> dict[str, Any]:
     """One job: state, progress, validation accuracy so far, learning curve, error, prompt."""
     service = service_of(request)
     return service.view(service.store.get(job_id, _owner(request)))
 
 
-@router.delete("/{job_id}", responses=errors(403, 404, 409))
+@router.delete("/{job_id}", response_model=FitJob, responses=errors(403, 404, 409))
 def cancel(job_id: str, request: Request) -> dict[str, Any]:
     """Cancel a queued or running job (a running one stops at its next step)."""
     service = service_of(request)
