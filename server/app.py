@@ -39,8 +39,9 @@ from reprogram.errors import ConfigError, ProtocolError, ReprogramError
 from reprogram.oracles import LocalOracle, Oracle
 from reprogram.zoo.loaders import load_repository, repository_names, source_name
 from reprogram.zoo.registry import SourceModel, load_model
-from server import routes_fits, routes_ops, routes_prompts, routes_v1, routes_v2
+from server import routes_fits, routes_ops, routes_pictures, routes_prompts, routes_v1, routes_v2
 from server.budget import TimeBudgetMiddleware
+from server.console import install_console
 from server.gate import GateMiddleware, KeyRing
 from server.hosted import OracleServable, SharedOracle
 from server.inference import ModelRunner, Registry, TooLarge
@@ -355,8 +356,11 @@ def create_app(settings: Settings | None = None, model: SourceModel | None = Non
     app.include_router(routes_v2.router)
     app.include_router(routes_v1.router)
     app.include_router(routes_prompts.router)
+    app.include_router(routes_pictures.router)
     app.include_router(routes_fits.router)
     app.include_router(routes_ops.router)
+    if settings.console:
+        install_console(app)
     install_openapi(app, auth=keyring.enabled)
     return app
 

@@ -33,6 +33,7 @@ from starlette.requests import HTTPConnection
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from reprogram.errors import ConfigError
+from server.console import is_console_path
 from server.settings import ApiKey, check_keys
 
 logger = logging.getLogger(__name__)
@@ -176,7 +177,8 @@ class GateMiddleware:
             return
         presented = presented_key(_headers(scope))
         name = self.keyring.identify(presented)
-        if name is None and scope.get("path") not in OPEN_PATHS:
+        path = scope.get("path", "")
+        if name is None and path not in OPEN_PATHS and not is_console_path(path):
             why = "missing API key" if presented is None else "invalid API key"
             response = self.unauthorized(
                 f"{why}: send it as 'Authorization: Bearer KEY' or 'X-API-Key: KEY'")

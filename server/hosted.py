@@ -28,6 +28,7 @@ import torch
 from reprogram.artifact import Prompt
 from reprogram.errors import ProtocolError
 from reprogram.oracles import Oracle
+from reprogram.pipeline import Reprogrammer
 from reprogram.protocol import ModelMetadata
 from server.budget import check_deadline, holding
 from server.inference import (
@@ -183,6 +184,11 @@ class PromptServable:
     @property
     def name(self) -> str:
         return self.prompt_id
+
+    @property
+    def reprogrammer(self) -> Reprogrammer:
+        """The prompt's program and label map (evaluation mode; read-only use)."""
+        return self._model
 
     @property
     def version(self) -> str:

@@ -117,6 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-server-timing", dest="server_timing", action="store_false",
                    help="do not send the Server-Timing header (decode/forward/encode ms) on V2"
                         " inference answers; it shows callers how busy the server is")
+    g.add_argument("--no-console", dest="console", action="store_false",
+                   help="do not serve the web console at /")
     return p
 
 
@@ -151,6 +153,7 @@ def parse_settings(argv: Sequence[str] | None = None) -> Settings:
         shutdown_timeout=args.shutdown_timeout,
         access_log=args.access_log,
         server_timing=args.server_timing,
+        console=args.console,
         max_request_pixels=args.max_request_pixels,
         max_response_bytes=args.max_response_bytes,
         body_timeout=args.body_timeout,

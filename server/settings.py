@@ -168,7 +168,8 @@ class Settings:
     encoded answer), ``body_timeout`` (seconds for the whole body to arrive) and
     ``request_timeout`` (seconds from the request's headers to its answer).
 
-    ``fits``: tuning jobs (:class:`FitJobs`), off by default.
+    ``fits``: tuning jobs (:class:`FitJobs`), off by default. ``console``: the web console
+    at ``/`` (:mod:`server.console`).
     """
 
     model: str = "default"
@@ -195,6 +196,7 @@ class Settings:
     shutdown_timeout: float = 30.0
     access_log: bool = True
     server_timing: bool = True
+    console: bool = True
     max_request_pixels: int = 4096 * 4096
     max_response_bytes: int = 64 * 1024 * 1024
     body_timeout: float = 60.0
