@@ -17,7 +17,7 @@ RUN pip install --index-url https://download.pytorch.org/whl/cpu \
 COPY pyproject.toml README.md ./
 COPY reprogram ./reprogram
 COPY server ./server
-RUN pip install . \
+RUN pip install ".[redis]" \
     && useradd --create-home --uid 10001 app
 
 # Hosted prompts are written to ./prompts, i.e. /home/app/prompts (mount a volume to keep them).

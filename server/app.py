@@ -52,8 +52,8 @@ from server.limits import content_length
 from server.observability import Metrics, ObservabilityMiddleware
 from server.openapi import install_openapi
 from server.prompt_store import PromptStore
-from server.quota import Ledger
 from server.settings import Settings
+from server.state import StateUnavailable, open_state
 
 logger = logging.getLogger(__name__)
 
@@ -224,6 +224,15 @@ def load_sources(settings: Settings) -> list[tuple[str, SourceModel]]:
     return [(served_name(settings), load_source(settings))]
 
 
+def _load_stored(store: PromptStore) -> None:
+    """Serve the stored prompts; with the shared state down, start without them (each is
+    loaded when it is first asked for, once the state answers)."""
+    try:
+        store.load()
+    except StateUnavailable as exc:
+        logger.warning("stored prompts not loaded yet: %s", exc)
+
+
 def _serve_models(registry: Registry, store: PromptStore, settings: Settings,
                   models: Sequence[tuple[str, SourceModel]]) -> None:
     """Serve the models and the stored prompts; hosted prompts run on the first model. The
@@ -232,7 +241,7 @@ def _serve_models(registry: Registry, store: PromptStore, settings: Settings,
     oracle = LocalOracle(first, output=str(settings.output), quantize=True,
                          max_batch=settings.max_batch)
     store.attach(SharedOracle(oracle))
-    store.load_directory()
+    _load_stored(store)
     for name, model in models:
         registry.add(_runner(settings, model, name))
 
@@ -241,7 +250,7 @@ def _serve_oracle(registry: Registry, store: PromptStore, settings: Settings,
                   oracle: Oracle) -> None:
     shared = SharedOracle(oracle)
     store.attach(shared)
-    store.load_directory()
+    _load_stored(store)
     registry.add(OracleServable(shared, name=settings.served_name,
                                 max_images=settings.max_images_per_request))
 
@@ -301,7 +310,10 @@ def create_app(settings: Settings | None = None, model: SourceModel | None = Non
     if models is not None and not models:
         raise ConfigError("expected at least one source model, got none")
     registry = Registry()
-    store = PromptStore(registry, settings.prompts_dir, max_bytes=settings.max_prompt_bytes,
+    state = open_state(settings.state, prompts_dir=settings.prompts_dir,
+                       images_per_minute=settings.images_per_minute,
+                       quota_images=settings.quota_images)
+    store = PromptStore(registry, state.records, max_bytes=settings.max_prompt_bytes,
                         max_images=settings.max_images_per_request,
                         max_pixels=settings.max_image_pixels)
     if oracle is not None and settings.fits.enabled:
@@ -343,8 +355,8 @@ def create_app(settings: Settings | None = None, model: SourceModel | None = Non
     app.state.fits = fits
     app.state.draining = False
     app.state.metrics = metrics = Metrics()
-    app.state.ledger = Ledger(images_per_minute=settings.images_per_minute,
-                              quota_images=settings.quota_images)
+    app.state.shared = state
+    app.state.ledger = state.ledger
     keyring = KeyRing(settings.api_keys)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(TimeBudgetMiddleware, body_timeout=settings.body_timeout,

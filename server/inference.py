@@ -279,6 +279,8 @@ class Registry:
         self._models: dict[str, Servable] = {}
         self._pending: dict[str, str | None] = {}  # name -> failure message (None: loading)
         self._lock = threading.Lock()
+        # called with a name before each lookup: shared state brings that name up to date
+        self.resolver: Callable[[str], None] | None = None
 
     def add(self, servable: Servable) -> None:
         """Register (or replace) a servable under its name."""
@@ -328,6 +330,8 @@ class Registry:
 
         With ``visible``, servables it rejects are treated as unknown (and not listed).
         """
+        if self.resolver is not None:
+            self.resolver(name)
         with self._lock:
             servable = self._models.get(name)
             pending = name in self._pending

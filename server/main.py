@@ -59,9 +59,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes)
     p.add_argument("--max-image-pixels", type=int, default=d.max_image_pixels)
-    p.add_argument("--prompts-dir", default="prompts",
+    p.add_argument("--prompts-dir", default=None,
                    help="folder of hosted prompts, created on the first upload (default:"
-                        " ./prompts)")
+                        " ./prompts with --state local)")
+    p.add_argument("--state", default=d.state, metavar="URL",
+                   help="where hosted prompts and usage live: local (default) or"
+                        " redis://HOST:PORT/DB, shared by every replica")
     p.add_argument("--max-prompt-bytes", type=int, default=d.max_prompt_bytes,
                    help="size cap of an uploaded prompt file")
     p.add_argument("--host", default=d.host)
@@ -139,7 +142,9 @@ def parse_settings(argv: Sequence[str] | None = None) -> Settings:
         max_images_per_request=args.max_images,
         max_body_bytes=args.max_body_bytes,
         max_image_pixels=args.max_image_pixels,
-        prompts_dir=args.prompts_dir,
+        prompts_dir=(args.prompts_dir if args.prompts_dir is not None
+                     else "prompts" if args.state == "local" else None),
+        state=args.state,
         max_prompt_bytes=args.max_prompt_bytes,
         host=args.host,
         port=args.port,

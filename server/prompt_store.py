@@ -1,49 +1,50 @@
-"""Hosted prompts: validated uploads, stored atomically on disk, served from the registry.
+"""Hosted prompts: validated uploads, kept by a records backend, served from the registry.
 
 A prompt's id is the first :data:`ID_HEX` hex digits of the SHA-256 of its file's bytes, so
 re-uploading the same file is idempotent and the id names exactly one artifact. Every upload is
-validated before anything is written: the size cap, then
+validated before anything is stored: the size cap, then
 :func:`~reprogram.artifact.loads_prompt` (format, schema version, bounded JSON, digest,
 tensors, finite values) with :func:`~reprogram.artifact.check_compatible` against the served
 model (input size, class count, weights SHA-256) run on the file's header before any tensor
-is built. A valid prompt is written to ``DIR/{id}.safetensors`` through a
-temporary file in the same folder, ``fsync`` and ``os.replace`` (then the folder is synced),
-so a crash or ``kill -9`` mid-upload leaves either the whole file or none. At startup every
-``*.safetensors`` file in the folder is loaded; invalid or incompatible ones are logged and
-skipped, and leftover temporary files are removed.
+is built. Where prompts are kept is the records backend's business
+(:mod:`server.state.records`): a folder written atomically (the default), or a Redis shared
+by every replica. At startup every stored prompt is loaded; invalid or incompatible ones are
+logged and skipped.
 
 With API keys, a prompt is owned by the keys that uploaded it (``owner``; None on an open
-server): the names are kept in ``DIR/{id}.owners.json``, written (atomically) *before* the
-prompt file, so a crash never leaves a private prompt without its owners (an orphan owners
-file is removed at startup). Other keys get 404 for it, exactly as for an unknown id; a key
-that uploads the same bytes becomes a co-owner, and deleting removes only the caller's
-ownership until none is left. Prompts without owners (uploaded to an open server, or given on
-the command line) are visible to every key and cannot be deleted through a key.
+server). Other keys get 404 for it, exactly as for an unknown id; a key that uploads the same
+bytes becomes a co-owner, and deleting removes only the caller's ownership until none is left.
+Prompts without owners (uploaded to an open server, or given on the command line) are visible
+to every key and cannot be deleted through a key.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import threading
-import time
 from pathlib import Path
 
-from reprogram import fsutil
 from reprogram.artifact import check_compatible, loads_prompt
 from reprogram.artifact_check import PromptHeader
 from reprogram.errors import ArtifactError, ReprogramError
 from server.gate import visible_to
 from server.hosted import PromptServable, SharedOracle
 from server.inference import HTTPStatusError, NotFound, NotReady, Registry, TooLarge
+from server.state.records import (
+    ID_HEX,
+    OWNERS_SUFFIX,
+    SUFFIX,
+    FolderRecords,
+    PromptRecords,
+    RecordHead,
+    StorageError,
+    prompt_id,
+)
+
+__all__ = ["ID_HEX", "OWNERS_SUFFIX", "SUFFIX", "Forbidden", "IncompatiblePrompt",
+           "NameConflict", "PromptStore", "StorageError", "prompt_id"]
 
 logger = logging.getLogger(__name__)
-
-ID_HEX = 16
-SUFFIX = ".safetensors"
-TMP_PREFIX = ".upload-"
-OWNERS_SUFFIX = ".owners.json"
 
 
 class IncompatiblePrompt(ArtifactError):
@@ -64,63 +65,32 @@ class Forbidden(HTTPStatusError):
     status_code = 403
 
 
-class StorageError(HTTPStatusError):
-    """The prompt could not be written to the prompts folder (507)."""
-
-    status_code = 507
-
-
-def prompt_id(data: bytes) -> str:
-    """The id of a prompt file: the first :data:`ID_HEX` hex digits of SHA-256(bytes)."""
-    return hashlib.sha256(data).hexdigest()[:ID_HEX]
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write a prompt-store file atomically (its temporary files are swept at startup)."""
-    fsutil.write_atomic(path, data, prefix=TMP_PREFIX)
-
-
-def owners_path(path: Path) -> Path:
-    """The owners file of the prompt file ``path``."""
-    return path.parent / f"{path.stem}{OWNERS_SUFFIX}"
-
-
-def read_owners(path: Path) -> set[str]:
-    """The owners of the prompt file ``path`` (empty when it has no owners file)."""
-    side = owners_path(path)
-    if not side.exists():
-        return set()
-    names = json.loads(side.read_text(encoding="utf-8"))
-    if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
-        raise ArtifactError(f"expected a non-empty JSON list of key names in {side.name}")
-    return set(names)
-
-
-def _write_owners(path: Path, owners: set[str]) -> None:
-    write_atomic(owners_path(path), json.dumps(sorted(owners)).encode("utf-8"))
-
-
 class PromptStore:
-    """The hosted prompts of one app: ids -> :class:`PromptServable`, mirrored on disk.
+    """The hosted prompts of one app: ids -> :class:`PromptServable`, kept in ``records``.
 
     The store needs the oracle through which prompts query the model; until :meth:`attach`
-    is called (the model is still loading) uploads are answered 503.
+    is called (the model is still loading) uploads are answered 503. With shared records
+    (Redis), every lookup reads the prompt's record first, so what another replica uploaded
+    or deleted holds here at once; a prompt's bytes never change under its id (the id is
+    their hash), so a servable built once is reused for as long as its record exists.
     """
 
-    def __init__(self, registry: Registry, directory: str | Path | None, *, max_bytes: int,
-                 max_images: int, max_pixels: int) -> None:
+    def __init__(self, registry: Registry, records: PromptRecords | None = None, *,
+                 max_bytes: int, max_images: int, max_pixels: int) -> None:
         self.registry = registry
-        self.directory = Path(directory) if directory is not None else None
+        self.records: PromptRecords = records if records is not None else FolderRecords(None)
         self.max_bytes = max_bytes
         self.max_images = max_images
         self.max_pixels = max_pixels
         self._shared: SharedOracle | None = None
         self._prompts: dict[str, PromptServable] = {}
-        self._paths: dict[str, Path] = {}  # id -> its file, for prompts stored on disk
+        self._rejected: dict[str, str] = {}  # sha256 of records that failed validation -> why
         self._lock = threading.RLock()
         # serve prompts whose model identity cannot be checked against this one
         # (`reprogram serve --allow-unverified-model`)
         self.allow_unverified = False
+        if self.records.shared:
+            registry.resolver = self._resolve
 
     def attach(self, shared: SharedOracle) -> None:
         """Use ``shared`` for every prompt from now on (call once the model is loaded)."""
@@ -147,7 +117,7 @@ class PromptStore:
             raise NotReady("the model is still loading; retry the prompt upload shortly")
         return self._shared
 
-    def _validate(self, data: bytes, label: str) -> PromptServable:
+    def _validate(self, data: bytes, label: str, head: RecordHead) -> PromptServable:
         """Parse and check prompt bytes against the served model; nothing is stored."""
         if len(data) > self.max_bytes:
             raise TooLarge(f"expected a prompt file of at most {self.max_bytes} bytes, got"
@@ -166,9 +136,21 @@ class PromptStore:
                                          f" {shared.oracle.info.name!r}: {exc}") from None
 
         prompt = loads_prompt(data, check=compatible)
-        return PromptServable(prompt_id(data), prompt, shared, data=data,
-                              created=time.time(), max_images=self.max_images,
-                              max_pixels=self.max_pixels)
+        servable = PromptServable(head.prompt_id, prompt, shared, data=data,
+                                  created=head.created, max_images=self.max_images,
+                                  max_pixels=self.max_pixels)
+        servable.owners = set(head.owners)
+        return servable
+
+    def _serve(self, servable: PromptServable) -> None:
+        """Serve ``servable`` under its id (call with the lock held)."""
+        self._prompts[servable.prompt_id] = servable
+        self.registry.add(servable)
+
+    def _unserve(self, pid: str) -> None:
+        """Stop serving ``pid`` here (call with the lock held)."""
+        if self._prompts.pop(pid, None) is not None:
+            self.registry.remove(pid)
 
     def add(self, data: bytes, *, label: str = "upload", persist: bool = True,
             owner: str | None = None) -> tuple[PromptServable, bool]:
@@ -176,63 +158,47 @@ class PromptStore:
         (``created`` is False when the caller could already see these exact bytes).
 
         Raises (nothing stored): :class:`TooLarge` (413), :class:`ArtifactError` (400),
-        :class:`IncompatiblePrompt` (422), :class:`NameConflict` (409), :class:`StorageError`.
+        :class:`IncompatiblePrompt` (422), :class:`NameConflict` (409), :class:`StorageError`,
+        ``StateUnavailable`` (503).
         """
-        pid = prompt_id(data)
+        head = RecordHead.of(data, frozenset({owner} if owner is not None else ()))
+        existing = self._existing(head)
+        if existing is not None:
+            return self._share(existing, owner)
+        servable = self._validate(data, label, head)
         with self._lock:
-            existing = self._existing(pid, data)
+            existing = self._existing(head)
             if existing is not None:
                 return self._share(existing, owner)
-        servable = self._validate(data, label)
-        with self._lock:
-            existing = self._existing(pid, data)
-            if existing is not None:
-                return self._share(existing, owner)
-            if pid in self.registry.names():
-                raise NameConflict(f"prompt id {pid!r} is already the name of a served model")
-            owners = {owner} if owner is not None else set()
-            if persist and self.directory is not None:
-                path = self.directory / f"{pid}{SUFFIX}"
-                try:
-                    if owners:  # first: a crash must not leave a private prompt public
-                        _write_owners(path, owners)
-                    write_atomic(path, data)
-                except OSError as exc:
-                    owners_path(path).unlink(missing_ok=True)
-                    raise StorageError(f"cannot store the prompt in {str(self.directory)!r}:"
-                                       f" {exc.strerror or exc}") from None
-                servable.created = path.stat().st_mtime
-                self._paths[pid] = path
-            servable.owners = owners
-            self._prompts[pid] = servable
-            self.registry.add(servable)
-        logger.info("prompt %s added (%d target classes, %s program)", pid,
+            if head.prompt_id in self.registry.names():
+                raise NameConflict(f"prompt id {head.prompt_id!r} is already the name of a"
+                                   " served model")
+            if persist:
+                servable.created = self.records.write(head, data).created
+            self._serve(servable)
+        logger.info("prompt %s added (%d target classes, %s program)", head.prompt_id,
                     len(servable.class_names), servable.prompt.program.kind)
         return servable, True
 
     def _share(self, servable: PromptServable, owner: str | None) -> tuple[PromptServable, bool]:
-        """Make an already hosted prompt visible to ``owner`` (call with the lock held)."""
+        """Make an already hosted prompt visible to ``owner``."""
         if owner is None or visible_to(owner)(servable):
             return servable, False
-        owners = servable.owners | {owner}
-        path = self._paths.get(servable.prompt_id)
-        if path is not None:
-            try:
-                _write_owners(path, owners)
-            except OSError as exc:
-                raise StorageError(f"cannot store the prompt's owners: {exc.strerror}") from None
-        servable.owners = owners
+        with self._lock:
+            owners = frozenset(servable.owners | {owner})
+            head = RecordHead(servable.prompt_id, servable.sha256, owners, servable.created)
+            self.records.write(head, None)
+            servable.owners = set(owners)
         logger.info("prompt %s shared with key %s", servable.prompt_id, owner)
         return servable, True
 
-    def _existing(self, pid: str, data: bytes) -> PromptServable | None:
+    def _existing(self, head: RecordHead) -> PromptServable | None:
         """The hosted prompt with these exact bytes, if any (409 on a shortened-id clash)."""
-        with self._lock:
-            servable = self._prompts.get(pid)
+        servable = self._current(head.prompt_id)
         if servable is None:
             return None
-        if servable.sha256 != hashlib.sha256(data).hexdigest():
-            raise NameConflict(f"prompt id {pid!r} is taken by a different file")
+        if servable.sha256 != head.sha256:
+            raise NameConflict(f"prompt id {head.prompt_id!r} is taken by a different file")
         return servable
 
     def add_file(self, path: str | Path) -> PromptServable:
@@ -244,58 +210,85 @@ class PromptStore:
             raise ArtifactError(f"cannot read prompt file {str(path)!r}: {exc.strerror}") from None
         return self.add(data, label=repr(str(path)))[0]
 
-    def load_directory(self) -> int:
-        """Serve every valid prompt in the folder; log and skip the others. Returns the count."""
-        if self.directory is None or not self.directory.is_dir():
-            return 0
-        for tmp in self.directory.glob(f"{TMP_PREFIX}*.tmp"):
-            logger.warning("removing %s, left over from an interrupted upload", tmp.name)
-            tmp.unlink(missing_ok=True)
-        for side in self.directory.glob(f"*{OWNERS_SUFFIX}"):
-            stem = side.name[: -len(OWNERS_SUFFIX)]
-            if not (self.directory / f"{stem}{SUFFIX}").exists():
-                logger.warning("removing %s, left over from an interrupted upload", side.name)
-                side.unlink(missing_ok=True)
-        loaded = 0
-        for path in sorted(self.directory.glob(f"*{SUFFIX}")):
-            try:
-                data = path.read_bytes()
-                owners = read_owners(path)
-                servable = self._validate(data, repr(path.name))
-                servable.owners = owners
-                if path.stem != servable.prompt_id:
-                    logger.warning("%s holds prompt %s; serving it under its content id",
-                                   path.name, servable.prompt_id)
-                servable.created = path.stat().st_mtime
-            except (ReprogramError, OSError) as exc:
-                logger.warning("skipping prompt file %s: %s", path.name, exc)
-                continue
-            with self._lock:
-                if servable.prompt_id in self._prompts:
-                    logger.warning("skipping %s: a copy of prompt %s", path.name,
-                                   servable.prompt_id)
-                    continue
-                if servable.prompt_id in self.registry.names():
-                    logger.warning("skipping %s: its id is the name of a served model",
-                                   path.name)
-                    continue
-                self._prompts[servable.prompt_id] = servable
-                self._paths[servable.prompt_id] = path
-                self.registry.add(servable)
-            loaded += 1
-        logger.info("loaded %d prompt(s) from %s", loaded, self.directory)
+    def load(self) -> int:
+        """Serve every valid stored prompt; log and skip the others. Returns the count."""
+        loaded = sum(self._take(head) is not None for head in self.records.heads().values())
+        logger.info("loaded %d stored prompt(s)", loaded)
         return loaded
+
+    def _take(self, head: RecordHead) -> PromptServable | None:
+        """Build and serve the stored prompt ``head`` (None when it is invalid or gone)."""
+        if head.sha256 in self._rejected:
+            return None
+        data = self.records.read(head.prompt_id)
+        if data is None:
+            return None
+        try:
+            servable = self._validate(data, repr(head.describe()), head)
+        except ReprogramError as exc:
+            logger.warning("skipping %s: %s", head.describe(), exc)
+            self._rejected[head.sha256] = str(exc)
+            return None
+        with self._lock:
+            if head.prompt_id in self._prompts:
+                return self._prompts[head.prompt_id]
+            if head.prompt_id in self.registry.names():
+                logger.warning("skipping stored prompt %s: its id is the name of a served"
+                               " model", head.prompt_id)
+                return None
+            self._serve(servable)
+        return servable
+
+    def _current(self, pid: str) -> PromptServable | None:
+        """The servable of ``pid`` as its record says now (shared records are read again)."""
+        if not self.records.shared:
+            with self._lock:
+                return self._prompts.get(pid)
+        head = self.records.heads(pid).get(pid)
+        with self._lock:
+            servable = self._prompts.get(pid)
+            if head is None or (servable is not None and servable.sha256 != head.sha256):
+                self._unserve(pid)
+                return None
+            if servable is not None:
+                servable.owners = set(head.owners)
+                return servable
+        return self._take(head) if self.ready else None
+
+    def _resolve(self, name: str) -> None:
+        """Bring the registry's entry for ``name`` up to date with the shared records."""
+        with self._lock:
+            known = name in self._prompts
+        if known or (len(name) == ID_HEX and all(c in "0123456789abcdef" for c in name)
+                     and name not in self.registry.names()):
+            self._current(name)
+
+    def _refresh_all(self) -> None:
+        """Bring every prompt up to date with the shared records (a no-op for local ones)."""
+        if not self.records.shared:
+            return
+        heads = self.records.heads()
+        with self._lock:
+            for pid in [p for p in self._prompts if p not in heads]:
+                self._unserve(pid)
+            for pid, head in heads.items():
+                servable = self._prompts.get(pid)
+                if servable is not None:
+                    servable.owners = set(head.owners)
+        for pid, head in heads.items():
+            if pid not in self._prompts and self.ready:
+                self._take(head)
 
     def get(self, pid: str, owner: str | None = None) -> PromptServable:
         """The prompt ``pid`` as ``owner`` sees it (404 if unknown or another key's)."""
-        with self._lock:
-            servable = self._prompts.get(pid)
+        servable = self._current(pid)
         if servable is None or not visible_to(owner)(servable):
             raise NotFound(f"unknown prompt {pid!r}; GET /v1/prompts lists the hosted prompts")
         return servable
 
     def list(self, owner: str | None = None) -> list[PromptServable]:
         """Every hosted prompt ``owner`` may see, oldest first."""
+        self._refresh_all()
         visible = visible_to(owner)
         with self._lock:
             shown = [s for s in self._prompts.values() if visible(s)]
@@ -304,32 +297,19 @@ class PromptStore:
     def delete(self, pid: str, owner: str | None = None) -> None:
         """Stop serving ``pid`` for ``owner`` (404 if unknown or another key's; 403 for a
         prompt without owners when ``owner`` is given); remove it when no owner is left."""
+        servable = self.get(pid, owner)
         with self._lock:
-            servable = self.get(pid, owner)
-            path = self._paths.get(pid)
             if owner is not None:
                 if not servable.owners:
                     raise Forbidden(f"prompt {pid!r} is provided by the operator and cannot be"
                                     " deleted with an API key")
-                remaining = servable.owners - {owner}
+                remaining = frozenset(servable.owners - {owner})
                 if remaining:
-                    if path is not None:
-                        try:
-                            _write_owners(path, remaining)
-                        except OSError as exc:
-                            raise StorageError(f"cannot delete prompt {pid!r}:"
-                                               f" {exc.strerror}") from None
-                    servable.owners = remaining
+                    head = RecordHead(pid, servable.sha256, remaining, servable.created)
+                    self.records.write(head, None)
+                    servable.owners = set(remaining)
                     logger.info("prompt %s no longer shared with key %s", pid, owner)
                     return
-            if path is not None:
-                try:  # the prompt first: a crash leaves an orphan owners file, not a public prompt
-                    path.unlink(missing_ok=True)
-                    owners_path(path).unlink(missing_ok=True)
-                except OSError as exc:
-                    raise StorageError(f"cannot delete prompt {pid!r}: {exc.strerror}") from None
-                fsutil.fsync_dir(path.parent)
-                del self._paths[pid]
-            del self._prompts[pid]
-            self.registry.remove(pid)
+            self.records.remove(pid)
+            self._unserve(pid)
         logger.info("prompt %s deleted", pid)

@@ -55,9 +55,10 @@ class Live(BaseModel):
 
 
 class Ready(BaseModel):
-    """``GET /v2/health/ready``."""
+    """``GET /v2/health/ready``; ``reason`` says why not when ``ready`` is false."""
 
     ready: bool
+    reason: str | None = None
 
 
 class ModelReady(BaseModel):
@@ -115,9 +116,22 @@ def live() -> Live:
 
 @router.get("/health/ready", response_model=Ready, responses={503: _READY})
 def ready(request: Request) -> JSONResponse:
-    """Readiness: 200 when every configured model is loaded, 503 before and while draining."""
-    ok = registry_of(request).ready() and not getattr(request.app.state, "draining", False)
-    return JSONResponse({"ready": ok}, status_code=200 if ok else 503)
+    """Readiness: 200 when every configured model is loaded and the shared state answers;
+    503 with the reason before, while draining, or while the shared state (Redis) is down
+    (the models' own ``/v2/models/{m}/ready`` stay 200 then: they still answer)."""
+    reason = _not_ready(request)
+    if reason is None:
+        return JSONResponse({"ready": True})
+    return JSONResponse({"ready": False, "reason": reason}, status_code=503)
+
+
+def _not_ready(request: Request) -> str | None:
+    if getattr(request.app.state, "draining", False):
+        return "shutting down"
+    if not registry_of(request).ready():
+        return "a model is loading or failed to load; POST /v2/repository/index says which"
+    shared = getattr(request.app.state, "shared", None)
+    return None if shared is None else shared.problem()
 
 
 @router.get("", responses=errors())

@@ -7,6 +7,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit
 
 from reprogram.errors import ConfigError, ProtocolError
 from reprogram.strict import parse_count
@@ -14,6 +15,21 @@ from reprogram.strict import parse_count
 OutputKindName = Literal["probs", "logits", "topk", "label"]
 LogLevel = Literal["critical", "error", "warning", "info", "debug"]
 LOG_LEVELS: tuple[str, ...] = ("critical", "error", "warning", "info", "debug")
+
+
+
+def check_state_url(url: str) -> str:
+    """``url`` if it names a backend (``local`` or ``redis://HOST[:PORT][/DB]``), else a
+    :class:`ConfigError` saying what is expected."""
+    if url == "local":
+        return url
+    parts = urlsplit(url)
+    if parts.scheme not in ("redis", "rediss") or not parts.hostname:
+        raise ConfigError(f"expected --state local or redis://HOST:PORT/DB, got {url!r}")
+    db = parts.path.strip("/")
+    if db and not db.isdigit():
+        raise ConfigError(f"expected a database number after the port in --state, got {db!r}")
+    return url
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -153,6 +169,8 @@ class Settings:
 
     ``prompts_dir``: where uploaded prompts are stored and loaded from at startup (``None``:
     in memory only, lost on restart); ``max_prompt_bytes``: the upload cap for a prompt file.
+    ``state``: ``local`` (prompts here, usage in memory) or ``redis://HOST:PORT/DB`` (both in
+    one Redis shared by every replica; see :mod:`server.state`).
 
     Hardening (see ``server.gate``, ``server.quota``, ``server.limits``, ``server.lifecycle``):
     ``api_keys`` (empty: an open server), ``images_per_minute`` and ``quota_images`` per key
@@ -183,6 +201,7 @@ class Settings:
     max_body_bytes: int = 64 * 1024 * 1024
     max_image_pixels: int = 4096 * 4096
     prompts_dir: str | None = None
+    state: str = "local"
     max_prompt_bytes: int = 16 * 1024 * 1024
     host: str = "127.0.0.1"
     port: int = 8000
@@ -217,6 +236,10 @@ class Settings:
                 _positive(name, getattr(self, name))
         for name in ("drain_seconds", "shutdown_timeout"):
             _seconds(name, getattr(self, name))
+        check_state_url(self.state)
+        if self.state != "local" and self.prompts_dir is not None:
+            raise ConfigError("expected --prompts-dir or --state redis://..., not both: with"
+                              " Redis the prompts are kept in Redis")
         object.__setattr__(self, "api_keys", tuple(self.api_keys))
         check_keys(self.api_keys)
         if isinstance(self.port, bool) or not isinstance(self.port, int):

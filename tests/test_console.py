@@ -203,8 +203,10 @@ def test_a_tuning_job_runs_from_the_console(browser: Any, site: tuple[str, Path]
     pid = page.locator(".job .job-prompt").inner_text()
     view.shot("jobs")
     page.locator(".job").get_by_role("button", name="Open prompt").click()
-    page.wait_for_function(f"() => document.getElementById('try-prompt').value === {pid!r}")
-    assert page.locator("#try").is_visible()
+    # The prompt list may already show the new prompt first, so wait for the tab to switch
+    # (the click's handler runs after one fetch) before reading the selected prompt.
+    page.locator("#try").wait_for(state="visible")
+    assert page.locator("#try-prompt").input_value() == pid
     view.close()
 
 

@@ -72,7 +72,7 @@ def test_sigterm_drains_in_flight_requests_and_exits_0(server: ServerProcess) ->
     server.proc.send_signal(signal.SIGTERM)
     time.sleep(0.2)
     r = httpx.get(f"{server.url}/v2/health/ready", timeout=5)
-    assert r.status_code == 503 and r.json() == {"ready": False}
+    assert r.status_code == 503 and r.json() == {"ready": False, "reason": "shutting down"}
     for sock in socks:
         sock.sendall(body[len(body) // 2:])
     answers = [read_response(sock) for sock in socks]

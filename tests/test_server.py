@@ -488,7 +488,8 @@ def test_ready_only_after_lifespan_load(
     gate, _ = gated_loader
     seen = _lifespan_run(create_app(Settings()), gate)
     assert seen[0][1] == 200
-    assert seen[1][1:] == (503, {"ready": False})
+    assert seen[1][1] == 503 and seen[1][2]["ready"] is False
+    assert "loading" in seen[1][2]["reason"]
     assert seen[2][1] == 503 and "still loading" in seen[2][2]["error"]
     assert seen[3][1:] == (503, {"name": "default", "ready": False})
     assert seen[4][1:] == (200, {"ready": True})
