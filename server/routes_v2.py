@@ -55,10 +55,12 @@ class Live(BaseModel):
 
 
 class Ready(BaseModel):
-    """``GET /v2/health/ready``; ``reason`` says why not when ``ready`` is false."""
+    """``GET /v2/health/ready``: ``reason`` says why not when ``ready`` is false;
+    ``degraded`` says what does not work while the models still answer (the shared state)."""
 
     ready: bool
     reason: str | None = None
+    degraded: str | None = None
 
 
 class ModelReady(BaseModel):
@@ -116,13 +118,17 @@ def live() -> Live:
 
 @router.get("/health/ready", response_model=Ready, responses={503: _READY})
 def ready(request: Request) -> JSONResponse:
-    """Readiness: 200 when every configured model is loaded and the shared state answers;
-    503 with the reason before, while draining, or while the shared state (Redis) is down
-    (the models' own ``/v2/models/{m}/ready`` stay 200 then: they still answer)."""
+    """Readiness: 200 when every configured model is loaded; 503 with the reason before and
+    while draining. With the shared state (Redis) down the models still answer, so it stays
+    200 and ``degraded`` says what does not (prompts and shared limits): a load balancer keeps
+    sending inference, and one Redis outage does not take every replica out of service."""
     reason = _not_ready(request)
-    if reason is None:
-        return JSONResponse({"ready": True})
-    return JSONResponse({"ready": False, "reason": reason}, status_code=503)
+    if reason is not None:
+        return JSONResponse({"ready": False, "reason": reason}, status_code=503)
+    shared = getattr(request.app.state, "shared", None)
+    problem = None if shared is None else shared.problem()
+    return JSONResponse({"ready": True} if problem is None
+                        else {"ready": True, "degraded": problem})
 
 
 def _not_ready(request: Request) -> str | None:
@@ -130,8 +136,7 @@ def _not_ready(request: Request) -> str | None:
         return "shutting down"
     if not registry_of(request).ready():
         return "a model is loading or failed to load; POST /v2/repository/index says which"
-    shared = getattr(request.app.state, "shared", None)
-    return None if shared is None else shared.problem()
+    return None
 
 
 @router.get("", responses=errors())
