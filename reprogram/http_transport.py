@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 RETRY_STATUS = frozenset({429})
 NO_RETRY_5XX = frozenset({501, 505})
 EXCERPT_CHARS = 160
+REPLICA_COOLDOWN_S = 5.0
 
 
 def _retryable(status: int) -> bool:
@@ -141,15 +142,61 @@ class Refused(UpstreamError):
         self.body = body[:4096]
 
 
+def replica_urls(url: str) -> list[str]:
+    """The base URLs of an endpoint: one, or several comma-separated replicas of one model."""
+    urls = [u.strip().rstrip("/") for u in url.split(",") if u.strip()]
+    for u in urls or [url]:
+        if not u.startswith(("http://", "https://")):
+            raise ConfigError(f"expected an http(s):// endpoint URL, got {u!r}")
+    if len(set(urls)) != len(urls):
+        raise ConfigError(f"expected distinct replica URLs, got {url!r}")
+    return urls
+
+
+class Replicas:
+    """Round-robin over replica URLs; one that fails to connect sits out :attr:`cooldown` s."""
+
+    def __init__(self, urls: list[str], cooldown: float = REPLICA_COOLDOWN_S) -> None:
+        self.urls = urls
+        self.cooldown = cooldown
+        self._down: dict[str, float] = {}
+        self._next = 0
+        self._lock = threading.Lock()
+
+    def pick(self) -> str:
+        """The next replica that is up (the one down the longest if none is)."""
+        with self._lock:
+            now = time.monotonic()
+            n = len(self.urls)
+            for i in range(n):
+                url = self.urls[(self._next + i) % n]
+                if self._down.get(url, 0.0) <= now:
+                    self._next = (self._next + i + 1) % n
+                    return url
+            return min(self.urls, key=lambda u: self._down.get(u, 0.0))
+
+    def failed(self, url: str) -> bool:
+        """Mark ``url`` down; True when another replica is up to try at once."""
+        with self._lock:
+            now = time.monotonic()
+            self._down[url] = now + self.cooldown
+            return any(self._down.get(u, 0.0) <= now for u in self.urls if u != url)
+
+
 class Transport:
-    """One endpoint's HTTP client: base URL, API key header, connection pool, retries."""
+    """One endpoint's HTTP client: base URL(s), API key header, connection pool, retries.
+
+    ``url`` may list several replicas of one model, comma-separated: requests go to them in
+    turn over one keep-alive pool (a connection per replica and caller, so no replica gets
+    every request), and a replica that stops answering is skipped for a few seconds, its
+    request sent at once to the next one, so a fit survives a replica's death."""
 
     def __init__(self, url: str, *, api_key: str | None = None, timeout: float = 60.0,
                  retry: RetryPolicy | None = None, client: httpx.Client | None = None,
                  max_connections: int = 4, seed: int = 0) -> None:
-        self.url = url.rstrip("/")
-        if not self.url.startswith(("http://", "https://")):
-            raise ConfigError(f"expected an http(s):// endpoint URL, got {url!r}")
+        self.replicas = Replicas(replica_urls(url))
+        self.url = ",".join(self.replicas.urls)
+        max_connections *= len(self.replicas.urls)
         self.retry = retry or RetryPolicy()
         self.retries = 0
         self.answered = False  # has the server ever answered? (see RetryPolicy)
@@ -166,7 +213,6 @@ class Transport:
     def request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         """One HTTP exchange with retries; raises an :class:`UpstreamError` when it cannot
         succeed (:class:`Refused` for a 4xx other than 429)."""
-        url = f"{self.url}{path}"
         policy = self.retry
         start = time.monotonic()
         limit = policy.max_retries
@@ -175,10 +221,16 @@ class Transport:
         for attempt in range(policy.max_retries + 1):
             wait_hint: float | None = None
             failure: type[UpstreamError] = UpstreamUnavailable
+            base = self.replicas.pick()
             try:
-                response = self.client.request(method, url, **kwargs)
+                response = self.client.request(method, f"{base}{path}", **kwargs)
             except httpx.TransportError as exc:
                 why = f"{type(exc).__name__}: {exc}".splitlines()[0]
+                if (len(self.replicas.urls) > 1 and not isinstance(exc, httpx.TimeoutException)
+                        and self.replicas.failed(base)):
+                    log.warning("%s %s: replica %s: %s; trying the next replica", method,
+                                path, base, why)
+                    continue
                 if isinstance(exc, httpx.TimeoutException):
                     failure = UpstreamTimeout
                 elif isinstance(exc, httpx.ConnectError) and not self.answered:
