@@ -7,10 +7,12 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 import tempfile
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import ExitStack
 from pathlib import Path
 
 import httpx
@@ -32,17 +34,18 @@ READY_S = 150.0
 REPLICA_TITLE = b"ServeReplica:reprogram:ReprogramServer"
 
 
-def start(args: list[str], stack: list[tuple[subprocess.Popen[bytes], object]]) -> str:
-    """``reprogram-server --host 127.0.0.1 --port FREE *args`` until ready; its base URL."""
+def start(args: list[str], stack: ExitStack) -> str:
+    """``reprogram-server --host 127.0.0.1 --port FREE *args`` until ready; its base URL (the
+    process is stopped when ``stack`` closes)."""
     port = free_port()
-    log = tempfile.TemporaryFile()
-    proc = subprocess.Popen(["python", "-m", "server.main", "--host", "127.0.0.1", "--port",
-                             str(port), "--log-level", "warning", "--no-access-log", *args],
-                            stdout=log, stderr=subprocess.STDOUT, env=ENV,
+    log = stack.enter_context(tempfile.TemporaryFile())  # noqa: SIM115 (closed by stack)
+    proc = subprocess.Popen([sys.executable, "-m", "server.main", "--host", "127.0.0.1",
+                             "--port", str(port), "--log-level", "warning", "--no-access-log",
+                             *args], stdout=log, stderr=subprocess.STDOUT, env=ENV,
                             cwd=Path(__file__).resolve().parents[1])
-    stack.append((proc, log))
+    stack.callback(stop_process, proc)  # before the log closes (LIFO)
     base = f"http://127.0.0.1:{port}"
-    wait_ready(base, proc, log, READY_S)  # type: ignore[arg-type]
+    wait_ready(base, proc, log, READY_S)
     return base
 
 
@@ -50,14 +53,9 @@ def start(args: list[str], stack: list[tuple[subprocess.Popen[bytes], object]]) 
 def servers() -> Iterator[dict[str, str]]:
     """One Ray Serve deployment of 2 replicas and one plain server, shared by the tests."""
     require_ray()
-    stack: list[tuple[subprocess.Popen[bytes], object]] = []
-    try:
+    with ExitStack() as stack:
         yield {"ray": start(["--ray", "--replicas", "2", "--ray-address", "local"], stack),
                "plain": start([], stack)}
-    finally:
-        for proc, log in reversed(stack):
-            stop_process(proc)
-            log.close()  # type: ignore[attr-defined]
 
 
 def run_fit(url: str, budget: int) -> FitResult:
