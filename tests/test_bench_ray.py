@@ -1,5 +1,6 @@
 """``bench.accuracy --ray``: the same fits as Ray tasks on a local Ray instance give the same
-rows and table as the local process, and ``--resume`` skips what the results stream holds."""
+rows and table as the local process, and ``--resume`` skips what the results stream holds;
+``bench.serve --replicas`` prints images/s per number of Ray Serve replicas."""
 
 from __future__ import annotations
 
@@ -71,3 +72,20 @@ def test_ray_tasks_give_the_same_table_and_resume_the_stream(tmp_path: Path) -> 
 
     assert facts(on_ray) == facts(plain)  # same seeds: same accuracies, queries and steps
     assert table(resumed.stdout) == table(expected.stdout)
+
+
+@pytest.mark.slow
+def test_serve_replicas_prints_images_per_second_per_replica_count() -> None:
+    require_ray()
+    proc = subprocess.run([sys.executable, "-m", "bench.serve", "--replicas", "1", "2",
+                           "--requests", "3", "--clients", "2", "--batches", "8", "--quick"],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT,
+                          env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"},
+                          check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    assert f"{os.cpu_count()} CPU cores" in lines[0]
+    rows = {line[:22].strip(): line.split() for line in lines[3:]}
+    assert set(rows) == {"plain (no Ray)", "Ray Serve, 1 replica(s)", "Ray Serve, 2 replica(s)"}
+    for cells in rows.values():
+        assert float(cells[-4]) > 0 and cells[-1] == str(os.cpu_count())  # img/s, cores
