@@ -83,12 +83,13 @@ def run(replicas: Sequence[int], clients: int, batch: int, requests: int,
 
 def format_table(rows: Sequence[ReplicaRow]) -> str:
     """The printed table, with this machine's core count on every line."""
-    head = (f"{'server':<22}  {'clients':>7}  {'batch':>5}  {'requests':>8}  {'img/s':>7}"
+    head = (f"{'server':<24}  {'clients':>7}  {'batch':>5}  {'requests':>8}  {'img/s':>7}"
             f"  {'p50 ms':>7}  {'p90 ms':>7}  {'CPU cores':>9}")
     lines = [head, "-" * len(head)]
     for r in rows:
-        name = "plain (no Ray)" if r.replicas == 0 else f"Ray Serve, {r.replicas} replica(s)"
-        lines.append(f"{name:<22}  {r.clients:>7}  {r.batch:>5}  {r.requests:>8}"
+        name = ("plain (no Ray)" if r.replicas == 0 else
+                f"Ray Serve, {r.replicas} replica{'s' if r.replicas > 1 else ''}")
+        lines.append(f"{name:<24}  {r.clients:>7}  {r.batch:>5}  {r.requests:>8}"
                      f"  {r.images_per_s:>7.0f}  {r.p50_ms:>7.1f}  {r.p90_ms:>7.1f}"
                      f"  {os.cpu_count():>9}")
     return "\n".join(lines)

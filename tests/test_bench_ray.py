@@ -85,7 +85,7 @@ def test_serve_replicas_prints_images_per_second_per_replica_count() -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.splitlines()
     assert f"{os.cpu_count()} CPU cores" in lines[0]
-    rows = {line[:22].strip(): line.split() for line in lines[3:]}
-    assert set(rows) == {"plain (no Ray)", "Ray Serve, 1 replica(s)", "Ray Serve, 2 replica(s)"}
+    rows = {line[:24].strip(): line.split() for line in lines[3:]}
+    assert set(rows) == {"plain (no Ray)", "Ray Serve, 1 replica", "Ray Serve, 2 replicas"}
     for cells in rows.values():
         assert float(cells[-4]) > 0 and cells[-1] == str(os.cpu_count())  # img/s, cores
