@@ -34,6 +34,7 @@ from reprogram.fit import Fitter, fit
 from reprogram.oracles import LocalOracle, Oracle
 from reprogram.presets import PRESETS
 from reprogram.zoo.registry import load_model
+from server.ray_cluster import require_ray
 
 # Every method is a set of FitConfig fields. The anchors are the presets of
 # reprogram.presets, every value as their papers' code sets it (see each preset's sources);
@@ -82,6 +83,14 @@ ALIASES = {"ours-pad": "ours-expand"}
 
 QUICK_BUDGETS = (4000,)
 DEFAULT_BUDGETS = (30_000, 100_000, 300_000, 1_000_000)
+
+
+def default_methods(output: str) -> list[str]:
+    """Every method of :data:`METHODS` that can run on ``output``: label votes only on a
+    label-only oracle (``label``), the others on every output."""
+    label_only = output == "label"
+    return [name for name, fields in METHODS.items()
+            if label_only or fields.get("label_votes", 1) <= 1]
 
 
 def parse_method(spec: str) -> tuple[str, dict[str, Any]]:
@@ -197,10 +206,18 @@ def _cost(job: dict[str, Any]) -> float:
 
 def run_jobs(jobs: Sequence[dict[str, Any]], workers: int,
              done: Callable[[dict[str, Any]], None],
-             failed: Callable[[dict[str, Any], BaseException], None]) -> None:
+             failed: Callable[[dict[str, Any], BaseException], None],
+             ray_address: str | None = None) -> None:
     """Run every job (largest first), calling ``done(row)`` as each finishes and
-    ``failed(job, error)`` for one that raises; the others go on."""
+    ``failed(job, error)`` for one that raises; the others go on. With ``ray_address``
+    (``auto``, ``local`` or a cluster's address) each job is a Ray task
+    (:mod:`bench.ray_tasks`) instead of a local process."""
     ordered = sorted(jobs, key=_cost, reverse=True)
+    if ray_address is not None:
+        from bench.ray_tasks import run_jobs_on_ray
+
+        run_jobs_on_ray(ordered, ray_address, run_one, done, failed)
+        return
     if workers <= 1:
         for job in ordered:
             try:
@@ -227,7 +244,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--methods", nargs="+", default=None,
                    help="names from the registry, or NAME=key:value,... FitConfig fields "
-                        "(default: all; with --endpoint, all but white-box)")
+                        "(default: all that fit --output; with --endpoint, all but white-box)")
     p.add_argument("--budgets", type=int, nargs="+", default=None)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--data", default="digits")
@@ -240,7 +257,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--endpoint", default=None, help="run over HTTP against this V2 server")
     p.add_argument("--device", default="cpu")
     p.add_argument("--jobs", type=int, default=1, help="fits run in parallel processes")
-    p.add_argument("--threads", type=int, default=0, help="torch threads per fit (0: auto)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch threads per fit (0: auto; with --ray, 1), also the CPUs a Ray "
+                        "task asks for")
+    p.add_argument("--ray", default=None, metavar="ADDRESS",
+                   help="run the fits as Ray tasks: 'auto' (the running cluster, else a local "
+                        "instance on this machine's cores), 'local' (a fresh local instance) "
+                        "or a cluster's address; --jobs is then the cluster's business")
     p.add_argument("--out", default="bench/results/accuracy")
     p.add_argument("--quick", action="store_true", help="smoke run: tiny budget, one seed")
     p.add_argument("--resume", action="store_true",
@@ -251,7 +274,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     budgets = tuple(args.budgets or (QUICK_BUDGETS if args.quick else DEFAULT_BUDGETS))
     seeds = args.seeds[:1] if args.quick else args.seeds
-    methods = [parse_method(m) for m in args.methods or list(METHODS)]
+    methods = [parse_method(m) for m in args.methods or default_methods(args.output)]
     if args.endpoint:
         exact = [name for name, fields in methods if fields.get("estimator") == "autograd"]
         if args.methods and exact:
@@ -259,7 +282,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                              "gradients, which an endpoint "
                              "cannot give: drop them from --methods or leave out --endpoint")
         methods = [(n, f) for n, f in methods if f.get("estimator") != "autograd"]
-    threads = args.threads or max(1, (os.cpu_count() or 1) // max(args.jobs, 1))
+    if args.ray is not None:
+        try:
+            require_ray()
+        except ConfigError as exc:
+            raise SystemExit(str(exc)) from None
+    threads = args.threads or (1 if args.ray else max(1, (os.cpu_count() or 1)
+                                                      // max(args.jobs, 1)))
     jobs = [{"method": name, "fields": fields, "budget": b, "seed": s, "data": args.data,
              "output": args.output, "wire": wire, "endpoint": args.endpoint,
              "device": args.device, "threads": threads}
@@ -314,7 +343,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     resumed = len(rows)
     t0 = time.perf_counter()
-    run_jobs(todo, args.jobs, done, failed)
+    run_jobs(todo, args.jobs, done, failed, args.ray)
     order = {key: i for i, key in enumerate(keys)}
     rows.sort(key=lambda r: order[row_key(r)])
     if not rows:

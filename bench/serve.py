@@ -25,6 +25,7 @@ import torch
 
 from bench.common import server_process
 from reprogram import protocol
+from reprogram.errors import ReprogramError
 from reprogram.http_oracle import server_timing
 from reprogram.zoo.registry import load_model
 from reprogram.zoo.shapes import generate_shapes
@@ -178,6 +179,25 @@ def format_table(rows: Sequence[Row]) -> str:
     return "\n".join(lines)
 
 
+def _replicas(args: argparse.Namespace, p: argparse.ArgumentParser, n: int) -> int:
+    from bench import serve_replicas
+    from server.ray_cluster import require_ray
+
+    if any(r < 1 for r in args.replicas) or args.clients < 1:
+        p.error("expected --replicas N >= 1 and --clients >= 1")
+    try:
+        require_ray()
+    except ReprogramError as exc:
+        raise SystemExit(str(exc)) from None
+    batch = args.batches[0]
+    rows = serve_replicas.run(args.replicas, args.clients, batch, n, 2 if args.quick else 10)
+    print(f"reprogram-server on Ray Serve: default model, uint8 V2 binary, {args.clients}"
+          f" clients x {n} requests of {batch} images, client and servers on one host with"
+          f" {os.cpu_count()} CPU cores; each replica reserves 1 CPU")
+    print(serve_replicas.format_table(rows))
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.serve", description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="smoke run: few requests")
@@ -187,10 +207,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="torch threads in both processes (default: torch's own choice)")
     p.add_argument("--during-fit", action="store_true",
                    help="also: request latency while a tuning job runs, against idle")
+    p.add_argument("--replicas", type=int, nargs="+", default=None, metavar="N",
+                   help="instead: images/s of Ray Serve deployments of N replicas each (and "
+                        "of one plain server) under --clients concurrent clients")
+    p.add_argument("--clients", type=int, default=4,
+                   help="with --replicas: concurrent clients (default 4)")
     args = p.parse_args(argv)
     n = args.requests or (10 if args.quick else 300)
     if n < 1 or any(b < 1 or b > 4096 for b in args.batches) or (args.threads or 1) < 1:
         p.error("expected --requests >= 1, batch sizes in 1..4096 and --threads >= 1")
+    if args.replicas is not None:
+        return _replicas(args, p, n)
     # Measure from a worker thread, as the server runs the model (see bench/__init__.py).
     with ThreadPoolExecutor(max_workers=1) as pool:
         rows = pool.submit(

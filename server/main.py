@@ -20,6 +20,7 @@ import sys
 from collections.abc import Sequence
 
 from reprogram.errors import ConfigError, ReprogramError
+from server import ray_serve
 from server.app import create_app, load_sources
 from server.gate import ENV_VAR, load_api_keys
 from server.lifecycle import serve
@@ -122,6 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
                         " inference answers; it shows callers how busy the server is")
     g.add_argument("--no-console", dest="console", action="store_false",
                    help="do not serve the web console at /")
+    ray_serve.add_arguments(p)
     return p
 
 
@@ -171,10 +173,23 @@ def parse_settings(argv: Sequence[str] | None = None) -> Settings:
     )
 
 
+def _serve_on_ray(settings: Settings, scale: ray_serve.Scale) -> int:
+    try:
+        ray_serve.serve_on_ray(settings, scale)
+    except ReprogramError as exc:
+        sys.stderr.write(f"reprogram-server: error: {exc}\n")
+        return 2
+    logger.info("stopped")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``reprogram-server`` console script."""
     try:
         settings = parse_settings(argv)
+        scale = ray_serve.scale_from(build_parser().parse_args(argv))
+        if scale is not None:
+            ray_serve.require_ray()
         models = load_sources(settings)
     except ReprogramError as exc:
         sys.stderr.write(f"reprogram-server: error: {exc}\n")
@@ -182,6 +197,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    if scale is not None:  # the replicas load the models themselves
+        return _serve_on_ray(settings, scale)
     app = create_app(settings, models=models)
     logger.info("serving %s (output %s) on %s:%d; %s", [n for n, _ in models], settings.output,
                 settings.host, settings.port,
