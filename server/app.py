@@ -45,6 +45,7 @@ from server.console import install_console
 from server.gate import GateMiddleware, KeyRing
 from server.hosted import OracleServable, SharedOracle
 from server.inference import ModelRunner, Registry, TooLarge
+from server.jobs.redis_jobs import RedisJobs
 from server.jobs.runner import JobRunner
 from server.jobs.service import FitService
 from server.jobs.store import JobStore
@@ -53,7 +54,7 @@ from server.observability import Metrics, ObservabilityMiddleware
 from server.openapi import install_openapi
 from server.prompt_store import PromptStore
 from server.settings import Settings
-from server.state import StateUnavailable, open_state
+from server.state import State, StateUnavailable, open_state
 
 logger = logging.getLogger(__name__)
 
@@ -279,14 +280,15 @@ def job_source(settings: Settings) -> dict[str, Any]:
             "class_names": settings.class_names()}
 
 
-def _fit_service(settings: Settings, store: PromptStore,
-                 registry: Registry) -> FitService | None:
-    """The tuning-job service when ``--fit-workers`` > 0 (its runner starts with the app)."""
+def _fit_service(settings: Settings, store: PromptStore, state: State) -> FitService | None:
+    """The tuning-job service when ``--fit-workers`` > 0 (its runner starts with the app):
+    jobs in ``--jobs-dir``, or in the shared Redis with ``--jobs-dir`` as scratch."""
     spec = settings.fits
     if not spec.enabled:
         return None
     directory = spec.directory or tempfile.mkdtemp(prefix="reprogram-jobs-")
-    jobs = JobStore(directory)
+    jobs = JobStore(directory) if state.client is None else RedisJobs(
+        state.client, directory, where=state.backend)
 
     def register(data: bytes, owner: str | None, label: str) -> str:
         return store.add(data, owner=owner, label=label)[0].prompt_id
@@ -319,7 +321,7 @@ def create_app(settings: Settings | None = None, model: SourceModel | None = Non
     if oracle is not None and settings.fits.enabled:
         raise ConfigError("expected no --fit-workers in front of an API: tuning jobs need the"
                           " model's weights")
-    fits = _fit_service(settings, store, registry)
+    fits = _fit_service(settings, store, state)
     pending: list[str] = []
     if models is not None:
         _serve_models(registry, store, settings, models)

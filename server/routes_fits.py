@@ -28,7 +28,6 @@ from starlette.datastructures import UploadFile
 from reprogram.errors import ProtocolError
 from server.gate import caller_of
 from server.jobs.service import FitService, JobsOff, job_config
-from server.jobs.store import PROMPT
 from server.limits import check_json_structure
 from server.openapi import errors
 from server.prompt_store import Forbidden
@@ -181,7 +180,7 @@ def download(job_id: str, request: Request) -> Response:
 
         raise JobConflict(f"tuning job {job_id!r} is {job.state}; its prompt exists once it"
                           " has succeeded")
-    data = (service.store.folder(job_id) / PROMPT).read_bytes()
+    data = service.store.prompt_bytes(job_id)
     return Response(data, media_type="application/octet-stream", headers={
         "Content-Disposition": f'attachment; filename="{job_id}.safetensors"'})
 

@@ -94,17 +94,17 @@ class JobRunner:
         job = self.store.get(job_id, owner)
         if job.final:
             raise JobConflict(f"tuning job {job_id!r} has already {job.state}; nothing to cancel")
-        (self.store.folder(job_id) / CANCEL).touch()
-        with self._lock:
-            if job_id not in self._running:
-                job = self.store.update(job_id, state="cancelled", finished=time.time())
+        self.store.request_cancel(job_id)
+        job = self.store.cancel_queued(job_id) or self.store.get(job_id)
         self._wake.set()
         return job
 
     def _loop(self) -> None:
         while not self._stop.is_set():
             try:
+                self._sync()
                 self._reap()
+                self.store.recover()
                 if self.ready():
                     self._fill()
             except Exception:  # the loop must outlive any one job's trouble
@@ -130,14 +130,18 @@ class JobRunner:
             if job is None:
                 return
             folder = self.store.folder(job.id)
-            if (folder / CANCEL).exists():
-                self.store.update(job.id, state="cancelled", finished=time.time())
+            if self.store.cancel_requested(job.id):
+                self.store.cancel_queued(job.id)
                 continue
             if (folder / RESULT).exists():  # the server stopped between the end and the record
+                self.store.publish(job.id)
                 if _finished_ok(folder):
                     self._succeed(job)
                 else:
                     self._fail(job, _error(folder, None))
+                continue
+            claimed = self.store.claim(job)
+            if claimed is None:  # another replica's runner took it, or it was cancelled
                 continue
             process = self._spawn.Process(target=run_job, name=f"fit-{job.id}",
                                           args=(str(folder), self.source, self.threads))
@@ -145,9 +149,22 @@ class JobRunner:
             with self._lock:
                 self._running[job.id] = _Running(process, job.owner)
             self._last_start[job.owner] = time.monotonic()
-            self.store.update(job.id, state="running", started=job.started or time.time(),
-                              attempts=job.attempts + 1)
-            logger.info("job %s started (pid %s)", job.id, process.pid)
+            logger.info("job %s started (pid %s, attempt %d)", job.id, process.pid,
+                        claimed.attempts)
+
+    def _sync(self) -> None:
+        """Share the running jobs' progress; stop the workers of jobs that another replica
+        runs now (their record is that replica's to write)."""
+        with self._lock:
+            ids = list(self._running)
+        if not ids:
+            return
+        for job_id in self.store.sync(ids):
+            with self._lock:
+                entry = self._running.pop(job_id, None)
+            if entry is not None:
+                entry.process.kill()
+                entry.process.join(timeout=5)
 
     def _reap(self) -> None:
         with self._lock:
@@ -157,6 +174,7 @@ class JobRunner:
             code = entry.process.exitcode
             with self._lock:
                 del self._running[job_id]
+            self.store.publish(job_id)
             job = self.store.get(job_id)
             folder = self.store.folder(job_id)
             if (folder / CANCEL).exists() or code == EXIT_CANCELLED:

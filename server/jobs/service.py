@@ -13,7 +13,6 @@ fit quota (403 when the job's budget would pass ``--fit-quota``; a job then need
 
 from __future__ import annotations
 
-import json
 import shutil
 from dataclasses import fields
 from pathlib import Path
@@ -185,12 +184,7 @@ class FitService:
         return out
 
     def _result(self, job: Job) -> dict[str, Any]:
-        from server.jobs.store import RESULT
-
-        try:
-            summary = json.loads((self.store.folder(job.id) / RESULT).read_text("utf-8"))
-        except (OSError, ValueError):
-            return {}
+        summary = self.store.result(job.id)
         return {k: summary.get(k) for k in ("val_accuracy", "test_accuracy", "images", "steps",
                                              "stopped", "seconds")}
 

@@ -148,11 +148,61 @@ class JobStore:
 
     def progress(self, job_id: str) -> dict[str, Any]:
         """What the worker last reported (empty before its first step)."""
-        try:
-            data = json.loads((self.folder(job_id) / PROGRESS).read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            return {}
-        return data if isinstance(data, dict) else {}
+        return _json_file(self.folder(job_id) / PROGRESS)
+
+    def result(self, job_id: str) -> dict[str, Any]:
+        """The worker's summary of an ended fit (empty if none)."""
+        return _json_file(self.folder(job_id) / RESULT)
+
+    def prompt_bytes(self, job_id: str) -> bytes:
+        """The learned artifact of a succeeded job."""
+        return (self.folder(job_id) / PROMPT).read_bytes()
+
+    # -- the runner's hooks: what a shared store (server.jobs.redis_jobs) does more --------
+
+    def claim(self, job: Job) -> Job | None:
+        """Mark a queued job ``running`` for this server's runner, its folder ready for a
+        worker; None if it is no longer queued (another replica took it, or it was
+        cancelled)."""
+        with self._lock:
+            if self._jobs[job.id].state != "queued":
+                return None
+        return self.update(job.id, state="running", started=job.started or time.time(),
+                           attempts=job.attempts + 1)
+
+    def cancel_queued(self, job_id: str) -> Job | None:
+        """Cancel the job if it is still queued (None if it is not)."""
+        with self._lock:
+            if self._jobs[job_id].state != "queued":
+                return None
+            return self.update(job_id, state="cancelled", finished=time.time())
+
+    def request_cancel(self, job_id: str) -> None:
+        """Raise the job's cancel flag (its worker stops at its next step)."""
+        (self.folder(job_id) / CANCEL).touch()
+
+    def cancel_requested(self, job_id: str) -> bool:
+        return (self.folder(job_id) / CANCEL).exists()
+
+    def sync(self, running: builtins.list[str]) -> set[str]:
+        """Called by the runner at every turn with the jobs its workers run: share their
+        progress; the ids returned are no longer this runner's to run (stop them)."""
+        return set()
+
+    def publish(self, job_id: str) -> None:
+        """Share an ended worker's result (and prompt) before the record says it ended."""
+
+    def recover(self) -> None:
+        """Queue again the running jobs whose runner is gone (a folder store does that at
+        start, in :meth:`_load`)."""
+
+
+def _json_file(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 @dataclass(frozen=True)

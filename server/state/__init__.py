@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Any
 from urllib.parse import urlsplit
 
 from reprogram.errors import ConfigError
@@ -42,6 +43,11 @@ class State:
     ledger: Ledger
     _client: object | None = None
     _checked: tuple[float, str | None] = field(default=(0.0, None))
+
+    @property
+    def client(self) -> Any:
+        """The Redis client of a shared state (None for the local one)."""
+        return self._client
 
     def problem(self) -> str | None:
         """None when the state answers; else why not (cached for a second)."""
