@@ -99,8 +99,10 @@ def build_parser() -> argparse.ArgumentParser:
     f = FitJobs()
     j.add_argument("--fit-workers", type=int, default=f.workers, metavar="N",
                    help="tuning jobs run at once, each in its own process (default 0: off)")
-    j.add_argument("--jobs-dir", default="jobs", metavar="DIR",
-                   help="where jobs, their data sets and checkpoints live (default: jobs)")
+    j.add_argument("--jobs-dir", default=None, metavar="DIR",
+                   help="where jobs, their data sets and checkpoints live (default: jobs); with"
+                        " --state redis:// the jobs live in Redis and DIR is this replica's"
+                        " scratch folder (default: a temporary one)")
     j.add_argument("--fit-threads", type=int, default=f.threads, metavar="N",
                    help="torch threads per job worker (default 1)")
     j.add_argument("--fit-max-jobs", type=int, default=f.max_jobs, metavar="N",
@@ -165,7 +167,9 @@ def parse_settings(argv: Sequence[str] | None = None) -> Settings:
         max_response_bytes=args.max_response_bytes,
         body_timeout=args.body_timeout,
         request_timeout=args.request_timeout,
-        fits=FitJobs(workers=args.fit_workers, directory=args.jobs_dir,
+        fits=FitJobs(workers=args.fit_workers,
+                     directory=(args.jobs_dir if args.jobs_dir is not None
+                                else "jobs" if args.state == "local" else None),
                      threads=args.fit_threads, max_jobs=args.fit_max_jobs,
                      quota=args.fit_quota, max_files=args.fit_max_files,
                      max_bytes=args.fit_max_bytes, max_pixels=args.fit_max_pixels,
