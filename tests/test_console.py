@@ -109,7 +109,11 @@ class Page:
     def enter_key(self, key: str) -> None:
         """Type the key with the keyboard only: Tab to the field, type, Enter."""
         page = self.page
-        for _ in range(4):
+        # the first load ends with a status line (connected, or "needs an API key", which
+        # moves the focus to the key field itself): Tab only once focus has settled
+        page.wait_for_function("() => document.getElementById('status').textContent !== ''"
+                               " || !document.getElementById('error').hidden")
+        for _ in range(8):
             if page.evaluate("document.activeElement.id") == "key-input":
                 break
             page.keyboard.press("Tab")

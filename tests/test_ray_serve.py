@@ -9,11 +9,11 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -58,10 +58,10 @@ def servers() -> Iterator[dict[str, str]]:
                "plain": start([], stack)}
 
 
-def run_fit(url: str, budget: int) -> FitResult:
+def run_fit(url: str, budget: int, callback: Any = None) -> FitResult:
     cfg = recommended_config("cma", budget=budget, seed=0)
     with HttpOracle(url) as oracle:
-        return fit(cfg, oracle, load_dataset("digits", seed=0))
+        return fit(cfg, oracle, load_dataset("digits", seed=0), callback=callback)
 
 
 def parameters(result: FitResult) -> dict[str, torch.Tensor]:
@@ -97,23 +97,15 @@ def test_two_replicas_learn_the_same_parameters_as_one_server(servers: dict[str,
 def test_a_fit_completes_when_a_replica_dies_mid_fit(servers: dict[str, str]) -> None:
     before = replica_pids()
     assert len(before) == 2
-    outcome: dict[str, object] = {}
+    killed: dict[str, int] = {}
 
-    def work() -> None:
-        try:
-            outcome["result"] = run_fit(servers["ray"], 6000)
-        except Exception as exc:  # reported below
-            outcome["error"] = exc
+    def kill_once(row: dict[str, Any]) -> None:  # mid-fit: once it has queried for a while
+        if not killed and row["queries"] >= 1500:
+            os.kill(before[0], signal.SIGKILL)
+            killed["at"] = int(row["queries"])
 
-    worker = threading.Thread(target=work)
-    worker.start()
-    time.sleep(4.0)  # the fit is querying by now
-    assert worker.is_alive(), outcome
-    os.kill(before[0], signal.SIGKILL)
-    worker.join(timeout=150)
-    assert not worker.is_alive()
-    assert "error" not in outcome, outcome.get("error")
-    result = outcome["result"]
+    result = run_fit(servers["ray"], 6000, kill_once)
+    assert killed, "the fit ended before a replica was killed"
     assert isinstance(result, FitResult) and result.queries["images"] > 0
     assert result.stop_reason == "budget"
     # Serve replaced the dead replica
