@@ -218,6 +218,16 @@ def _source_width(prompt: Prompt | PromptHeader, num_classes: int,
                   oracle: Oracle | None) -> int:
     """What the prompt's label map must read: the class count, or for token prompts with
     VPT's head the ViT's width; token prompts are checked against the ViT's geometry."""
+    context = prompt.program.context
+    if context is not None:
+        if oracle is None:
+            raise ArtifactError(f"prompt holds {prompt.program.kind} context vectors, which"
+                                " need a local vision-language model")
+        try:
+            context.check_model(oracle.context_width(), num_classes)
+        except ConfigError as exc:
+            raise ArtifactError(f"prompt holds {prompt.program.kind} context: {exc}") from None
+        return num_classes
     tokens = prompt.program.tokens
     if tokens is None:
         return num_classes

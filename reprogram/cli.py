@@ -55,6 +55,9 @@ def _model_args(p: argparse.ArgumentParser) -> None:
                         "(image files; a local model emulates JPEG) (default: uint8)")
     g.add_argument("--max-requests", type=int, default=None,
                    help="cap on the number of model requests (default: no cap)")
+    g.add_argument("--template", default=None,
+                   help="a zero-shot (vision-language) model's class prompt, with {} for the"
+                        " class name (default: the model's, 'a photo of a {}.')")
     add_endpoint_args(p.add_argument_group("endpoint (what its metadata leaves out)"))
 
 
@@ -75,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "override it")
     f.add_argument("--program", default=None,
                    choices=("expand", "add-pad", "add-patch", "mask", "patch", "full",
-                            "coordinator", "vpt-shallow", "vpt-deep", "pad"),
+                            "coordinator", "vpt-shallow", "vpt-deep", "coop", "coop-csc", "pad"),
                    help="expand: sigmoid border around a shrunk image (ILM-VP); add-pad / "
                         "add-patch: border / corner patch added to the full-size image (Bahng "
                         "et al.); mask: tanh border around the image at native size (Elsayed "
@@ -83,11 +86,15 @@ def build_parser() -> argparse.ArgumentParser:
                         "the image's; full: overlay on the whole frame; coordinator: BlackVIP's "
                         "input-dependent prompt from a frozen encoder (--coordinator-encoder); "
                         "vpt-shallow / vpt-deep: VPT's prompt tokens in the first / every layer "
-                        "of a local ViT (--tokens N; white-box); pad: deprecated alias "
+                        "of a local ViT (--tokens N; white-box); coop / coop-csc: CoOp's "
+                        "context vectors, shared / one set per class, in a local "
+                        "vision-language model's text prompt (--tokens M; white-box); "
+                        "pad: deprecated alias "
                         "of expand, removed in the next release (default: expand for autograd, "
                         "full for rgf/spsa)")
     f.add_argument("--tokens", type=int, default=None, metavar="N",
-                   help="vpt-shallow / vpt-deep: prompt tokens per layer (default 10)")
+                   help="vpt-shallow / vpt-deep: prompt tokens per layer (default 10); coop /"
+                        " coop-csc: context vectors M (default 16)")
     f.add_argument("--coordinator-encoder", default=None, metavar="MODEL",
                    help="coordinator: the frozen local model whose features drive the "
                         "prompt: 'default' (the zoo's, the default) or a model folder, config "
@@ -197,12 +204,21 @@ def make_oracle(args: argparse.Namespace, budget: int | None = None) -> Any:
             from reprogram.oracles import TOKENS_NEED_WEIGHTS
 
             raise ConfigError(TOKENS_NEED_WEIGHTS)
+        if getattr(args, "program", None) in ("coop", "coop-csc"):
+            from reprogram.context import CONTEXT_NEEDS_WEIGHTS
+
+            raise ConfigError(CONTEXT_NEEDS_WEIGHTS)
         retry = SERVE_RETRY if args.command == "serve" else None
         return http_oracle(args, budget=budget, retry=retry)
     from reprogram.oracles import LocalOracle
     from reprogram.zoo.registry import load_model
 
     model = load_model(args.model or "default", args.weights)
+    template = getattr(args, "template", None)
+    if template is not None:
+        from reprogram.vlm import with_classes
+
+        model = with_classes(model, model.meta.class_names, template)
     return LocalOracle(model, output=args.output or "probs", wire=args.wire, budget=budget,
                        max_requests=args.max_requests, max_classes=args.max_classes)
 

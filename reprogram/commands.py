@@ -18,7 +18,13 @@ from PIL import Image, UnidentifiedImageError
 from reprogram.artifact import Prompt, check_compatible, load_prompt, save_prompt
 from reprogram.config import FitConfig, recommended_config
 from reprogram.data import TargetDataset, load_dataset
-from reprogram.defaults import LABEL_VOTES, TOKEN_PROGRAM, WARM_START_EPOCHS, blackbox_estimator
+from reprogram.defaults import (
+    CONTEXT_PROGRAM,
+    LABEL_VOTES,
+    TOKEN_PROGRAM,
+    WARM_START_EPOCHS,
+    blackbox_estimator,
+)
 from reprogram.errors import ConfigError, DataError
 from reprogram.oracles import Oracle
 from reprogram.plots import learning_curve, program_picture
@@ -91,6 +97,8 @@ def fit_config_from_args(args: argparse.Namespace, differentiable: bool = True,
         options.update({k: v for k, v in LABEL_VOTES.items() if options.get(k) is None})
     if options["program"] in ("vpt-shallow", "vpt-deep"):
         options.update({k: v for k, v in TOKEN_PROGRAM.items() if options.get(k) is None})
+    if options["program"] in ("coop", "coop-csc"):
+        options.update({k: v for k, v in CONTEXT_PROGRAM.items() if options.get(k) is None})
     return recommended_config(estimator, **options)
 
 
@@ -153,6 +161,8 @@ def cmd_fit(args: argparse.Namespace, oracle: Oracle) -> int:
     cfg = fit_config_from_args(args, oracle.differentiable, oracle.info.base_kind)
     if cfg.epochs is None and cfg.budget is None:
         raise ConfigError("expected --budget N or --epochs N")
+    if oracle.zero_shot and args.labelmap is None:  # class k is target class k: no map
+        cfg = replace(cfg, labelmap="first")
     out = Path(args.out)
     if not out.parent.exists():
         raise ConfigError(f"expected an existing folder for --out, got {str(out.parent)!r}")
@@ -221,6 +231,9 @@ def cmd_fit_on_server(args: argparse.Namespace) -> int:
 def _prompt_for(args: argparse.Namespace, oracle: Oracle) -> Prompt:
     prompt = load_prompt(args.prompt)
     oracle.adopt_vocabulary(prompt.source.get("vocabulary"))
+    if oracle.zero_shot:  # classify among the prompt's classes, with its template
+        template = prompt.source.get("template")
+        oracle.use_labels(prompt.target_classes, str(template) if template else None)
     info = oracle.info
     check_compatible(prompt, info.input_size, info.num_classes, info.fingerprint,
                      allow_unverified=getattr(args, "allow_unverified_model", False),

@@ -9,6 +9,7 @@ from typing import Any, Literal, get_args
 import torch
 
 from reprogram.cma import CMAStep, check_pairing
+from reprogram.context import CONTEXT_KINDS, context_spec
 from reprogram.defaults import ESTIMATOR, RECOMMENDED, TOKEN_PROGRAM
 from reprogram.errors import ConfigError
 from reprogram.estimators import (
@@ -179,11 +180,19 @@ class FitConfig:
         return cls(**{**LEGACY, **{k: v for k, v in d.items() if k in known}})
 
     def program_spec(self, frame_size: tuple[int, int], native_size: int | None = None,
-                     vit: ViTAdapter | None = None) -> ProgramSpec:
+                     vit: ViTAdapter | None = None,
+                     text: tuple[int, int] | None = None) -> ProgramSpec:
         """The program's geometry on a ``frame_size`` input; ``native_size`` (the target
         images' shorter side) is what ``inner_size="native"`` embeds them at; ``vit`` is the
-        model's ViT geometry, which token programs need."""
+        model's ViT geometry, which token programs need; ``text`` (token width, classes) a
+        zero-shot model's, which context vectors (``coop``) need."""
         side = min(frame_size)
+        if self.program in CONTEXT_KINDS:
+            if text is None:
+                raise ConfigError(f"expected a vision-language model for a {self.program}"
+                                  " program, got none")
+            return ProgramSpec(kind=self.program, frame_size=frame_size, inner_size=side,
+                               context=context_spec(self.program, self.tokens, *text))
         if self.program in TOKEN_KINDS:
             if vit is None:
                 raise ConfigError(f"expected a ViT's geometry for a {self.program} program, "

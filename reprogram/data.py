@@ -117,6 +117,16 @@ def make_squares(n: int = 2000, seed: int = 0, grid: int = 9, cell: int = 4) -> 
                          names, "squares")
 
 
+def make_colours(n: int = 1200, seed: int = 0) -> TargetDataset:
+    """Six colours by name (red, green, blue, yellow, purple, orange): one shape of that
+    colour, any shape, size and place, on a background of another colour; class names that
+    mean something to ``shapes-clip`` (:func:`reprogram.zoo.captions.labelled`)."""
+    from reprogram.zoo.captions import COLOUR_TASK, labelled
+
+    images, labels = labelled(n, 1000 + seed, COLOUR_TASK, "colour")
+    return TargetDataset(images, labels, COLOUR_TASK, "colours")
+
+
 def _to_rgb(img: Image.Image) -> Image.Image:
     """RGB, scaling 16-bit grayscale to 8 bits (Pillow's own conversion saturates it)."""
     if img.mode.startswith("I;16"):
@@ -171,12 +181,16 @@ def load_folder(root: Path, size: int | None = None) -> TargetDataset:
 
 
 def load_dataset(spec: str, seed: int = 0) -> TargetDataset:
-    """``digits``, ``squares`` or a path to a class-per-sub-folder image folder."""
+    """``digits``, ``squares``, ``colours`` or a path to a class-per-sub-folder image
+    folder."""
     if spec == "digits":
         return load_digits()
     if spec == "squares":
         return make_squares(seed=seed)
+    if spec == "colours":
+        return make_colours(seed=seed)
     path = Path(spec)
     if not path.exists():
-        raise DataError(f"expected 'digits', 'squares' or an existing folder, got {spec!r}")
+        raise DataError(f"expected 'digits', 'squares', 'colours' or an existing folder, got"
+                        f" {spec!r}")
     return load_folder(path)

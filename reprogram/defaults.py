@@ -55,6 +55,12 @@ def blackbox_estimator(budget: int | None, output: str = "probs") -> str:
 # what `reprogram fit` adds for a token program (vpt-shallow, vpt-deep): VPT's own head on the
 # class token (Jia et al. 2022, Sec. 3.2: the source classifier is discarded) and 10 tokens
 TOKEN_PROGRAM: dict[str, Any] = {"labelmap": "head", "tokens": 10}
+# CoOp's context vectors (coop, coop-csc) on a zero-shot model, as CoOp trains them
+# (KaiyangZhou/CoOp configs/trainers/CoOp/*.yaml: OPTIM.NAME sgd, LR 0.002, cosine schedule;
+# DATALOADER.TRAIN_X.BATCH_SIZE 32; TRAINER.COOP.N_CTX 16); the identity label map, since the
+# model's classes are the target's. Not modelled: its one-epoch warm-up at a constant 1e-5.
+CONTEXT_PROGRAM: dict[str, Any] = {"labelmap": "first", "tokens": 16, "optimizer": "sgd",
+                                   "lr": 0.002, "momentum": 0.9, "batch_size": 32}
 
 # what `reprogram fit` uses per estimator, on top of FitConfig's defaults
 RECOMMENDED: dict[str, dict[str, Any]] = {

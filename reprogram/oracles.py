@@ -13,7 +13,7 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -208,6 +208,39 @@ class Oracle(ABC):
         when it was fitted; a no-op for oracles whose classes are fixed."""
         return None
 
+    def context_width(self) -> int:
+        """The token width of a zero-shot model's text encoder (CoOp's context vectors)."""
+        from reprogram.context import CONTEXT_NEEDS_WEIGHTS
+
+        raise ConfigError(CONTEXT_NEEDS_WEIGHTS)
+
+    def query_context(self, x: torch.Tensor, contexts: torch.Tensor) -> torch.Tensor:
+        """Scores ``[P * N, K]`` over the classes for images ``x`` ``[N, 3, H, W]`` under each
+        of ``P`` CoOp contexts ``contexts [P, ...]``; every (context, image) pair counts as one
+        image evaluation."""
+        self.context_width()
+        n = int(x.shape[0]) * int(contexts.shape[0]) if x.ndim else 0
+        self._admit(x, n)
+        return self._timed(n, lambda: self._query_context(clamp01(x), contexts))
+
+    def _query_context(self, x: torch.Tensor, contexts: torch.Tensor
+                       ) -> tuple[torch.Tensor, int]:
+        from reprogram.context import CONTEXT_NEEDS_WEIGHTS
+
+        raise ConfigError(CONTEXT_NEEDS_WEIGHTS)
+
+    @property
+    def zero_shot(self) -> bool:
+        """Whether the model classifies among class names it is given (a vision-language
+        model, :mod:`reprogram.vlm`): its classes are then the target task's."""
+        return False
+
+    def use_labels(self, names: tuple[str, ...], template: str | None = None) -> None:
+        """Classify among ``names`` (with ``template``, default the model's) from now on;
+        only a zero-shot oracle can."""
+        raise ConfigError(f"expected a zero-shot (vision-language) model to take class names,"
+                          f" got {self.info.name!r} with fixed classes")
+
     def counts(self) -> dict[str, int]:
         return {"images": self.images_used, "requests": self.requests_used}
 
@@ -293,6 +326,46 @@ class LocalOracle(Oracle):
     @property
     def device(self) -> torch.device:
         return self._device
+
+    @property
+    def zero_shot(self) -> bool:
+        from reprogram.vlm import is_zero_shot
+
+        return is_zero_shot(self.model.module)
+
+    def use_labels(self, names: tuple[str, ...], template: str | None = None) -> None:
+        from reprogram.vlm import with_classes
+
+        if not self.zero_shot:
+            super().use_labels(names, template)
+        model = with_classes(self.model, tuple(names), template)
+        self.model = SourceModel(model.module.to(self._device), model.meta,
+                                 model.differentiable)
+        self._slot_of = torch.full((model.meta.num_classes,), -1, dtype=torch.long)
+        self._fingerprint = model.meta.fingerprint()
+        self._cached = None
+
+    def context_width(self) -> int:
+        if not self.zero_shot or not self.model.differentiable:
+            from reprogram.context import CONTEXT_NEEDS_WEIGHTS
+
+            raise ConfigError(f"expected a local vision-language model for context vectors,"
+                              f" got {self.model.meta.name!r}; {CONTEXT_NEEDS_WEIGHTS}")
+        module: Any = self.model.module
+        return int(module.context_width)
+
+    def _query_context(self, x: torch.Tensor, contexts: torch.Tensor
+                       ) -> tuple[torch.Tensor, int]:
+        if self.vocabulary is not None:
+            raise ConfigError("expected probs, logits, topk or label answers for context "
+                              "vectors, got class names")
+        x = self._wire(x.to(self._device))
+        module: Any = self.model.module
+        out = [reduce_scores(module.context_logits(x[i : i + self.max_batch], contexts[j : j + 1]
+                                                   .to(self._device)), self._output)
+               for j in range(contexts.shape[0]) for i in range(0, x.shape[0], self.max_batch)]
+        order = torch.cat(out)
+        return order, 1
 
     def adopt_vocabulary(self, names: object) -> None:
         """Give a prompt's recorded class names their slots (``topk-names:K`` only)."""
@@ -386,6 +459,20 @@ class OracleWrapper(Oracle):
 
     def token_adapter(self) -> ViTAdapter:
         return self.inner.token_adapter()
+
+    @property
+    def zero_shot(self) -> bool:
+        return self.inner.zero_shot
+
+    def context_width(self) -> int:
+        return self.inner.context_width()
+
+    def _query_context(self, x: torch.Tensor, contexts: torch.Tensor
+                       ) -> tuple[torch.Tensor, int]:
+        return self.inner._query_context(x, contexts)
+
+    def use_labels(self, names: tuple[str, ...], template: str | None = None) -> None:
+        self.inner.use_labels(names, template)
 
     def _query_tokens(self, adapter: ViTAdapter, x: torch.Tensor, tokens: torch.Tensor,
                       features: bool) -> tuple[torch.Tensor, int]:

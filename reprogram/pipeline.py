@@ -22,7 +22,7 @@ from reprogram.labelmaps import (
 )
 from reprogram.losses import LossSpec
 from reprogram.oracles import Oracle
-from reprogram.programs import Program, TokenProgram
+from reprogram.programs import ContextProgram, Program, TokenProgram
 
 DEFAULT_FLOOR = 1e-6
 
@@ -66,6 +66,11 @@ class Reprogrammer(nn.Module):
         scores, or a ViT's class-token features for the ``head`` map."""
         frames = self.program.render_candidates(x_t, thetas)
         p, n = frames.shape[:2]
+        if isinstance(self.program, ContextProgram):
+            if noise is not None or self.labelmap.reads_features:
+                raise ConfigError("expected no label votes and no head label map with"
+                                  " context vectors (coop)")
+            return oracle.query_context(frames[0], thetas)
         if isinstance(self.program, TokenProgram):
             if noise is not None:
                 raise ConfigError("expected no label votes with token prompts")

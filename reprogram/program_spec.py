@@ -47,6 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from reprogram.context import CONTEXT_KINDS, ContextSpec
 from reprogram.coordinator import CoordinatorSpec, theta_dim
 from reprogram.errors import ConfigError, DataError, check_int, spec_fields
 from reprogram.tokens import TokenSpec
@@ -62,13 +63,14 @@ __all__ = [
 ]
 
 ProgramKind = Literal["expand", "add-pad", "add-patch", "mask", "patch", "full", "coordinator",
-                      "vpt-shallow", "vpt-deep"]
+                      "vpt-shallow", "vpt-deep", "coop", "coop-csc"]
 TOKEN_KINDS = ("vpt-shallow", "vpt-deep")
 MaskKind = Literal["border", "none"]
 # old name -> new name; kept for one release so specs and artifacts written with it still load
 KIND_ALIASES: dict[str, str] = {"pad": "expand"}
 # kinds whose image fills the whole frame (inner is resized again to the frame)
-FULL_IMAGE_KINDS = ("add-pad", "add-patch", "patch", "coordinator", *TOKEN_KINDS)
+FULL_IMAGE_KINDS = ("add-pad", "add-patch", "patch", "coordinator", *TOKEN_KINDS,
+                    *CONTEXT_KINDS)
 # kinds whose image is embedded in the centre with a border around it
 BORDER_KINDS = ("expand", "mask")
 
@@ -155,6 +157,8 @@ class ProgramSpec:
             (:class:`~reprogram.coordinator.CoordinatorSpec`).
         tokens: ``vpt-*`` only: the prompt tokens' and the ViT's geometry
             (:class:`~reprogram.tokens.TokenSpec`).
+        context: ``coop``/``coop-csc`` only: CoOp's context vectors' geometry
+            (:class:`~reprogram.context.ContextSpec`).
     """
 
     kind: ProgramKind
@@ -166,6 +170,7 @@ class ProgramSpec:
     init_std: float = 0.0
     coordinator: CoordinatorSpec | None = None
     tokens: TokenSpec | None = None
+    context: ContextSpec | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "kind", canonical_kind(self.kind))
@@ -173,6 +178,8 @@ class ProgramSpec:
             object.__setattr__(self, "coordinator", CoordinatorSpec.from_dict(self.coordinator))
         if isinstance(self.tokens, Mapping):
             object.__setattr__(self, "tokens", TokenSpec.from_dict(self.tokens))
+        if isinstance(self.context, Mapping):
+            object.__setattr__(self, "context", ContextSpec.from_dict(self.context))
         self.validate()
 
     def validate(self) -> None:
@@ -209,6 +216,7 @@ class ProgramSpec:
             raise ConfigError(f"expected patch_size <= min(frame_size) = {min(h, w)}, got {patch}")
         self._validate_coordinator()
         self._validate_tokens()
+        self._validate_context()
         if self.resolution is not None:
             res = check_int("resolution", self.resolution, 1)
             limit = patch if self.kind in ("patch", "add-patch") else min(h, w)
@@ -251,6 +259,20 @@ class ProgramSpec:
             raise ConfigError(f"expected inner_size {min(self.frame_size)} (the image fills "
                               f"the frame) for a {self.kind} program, got {self.inner_size}")
 
+    def _validate_context(self) -> None:
+        if self.kind not in CONTEXT_KINDS:
+            if self.context is not None:
+                raise ConfigError(f"expected no context vectors for a {self.kind} program")
+            return
+        if not isinstance(self.context, ContextSpec):
+            raise ConfigError(f"expected the context geometry for a {self.kind} program, got"
+                              " none")
+        if self.context.kind != self.kind:
+            raise ConfigError(f"expected {self.kind} context, got {self.context.kind} context")
+        if self.resolution is not None or self.inner_size != min(self.frame_size):
+            raise ConfigError(f"expected no resolution and inner_size {min(self.frame_size)}"
+                              f" (the image fills the frame) for a {self.kind} program")
+
     @property
     def area_size(self) -> tuple[int, int]:
         """``(H, W)`` of the area theta covers: the frame, or the patch for the patch kinds."""
@@ -266,6 +288,8 @@ class ProgramSpec:
             return (theta_dim(self.coordinator, self.frame_size),)
         if self.tokens is not None:
             return self.tokens.shape
+        if self.context is not None:
+            return self.context.shape
         if self.resolution is not None:
             return (3, *grid_shape(self.resolution, self.area_size))
         return (3, *self.area_size)
@@ -282,6 +306,8 @@ class ProgramSpec:
             del d["coordinator"]  # artifacts of the other kinds read as before
         if self.tokens is None:
             del d["tokens"]
+        if self.context is None:
+            del d["context"]
         return d
 
     @classmethod

@@ -324,6 +324,12 @@ class TokenProgram(Program):
         return torch.zeros(3, *self.spec.frame_size, device=self.theta.device)
 
 
+class ContextProgram(TokenProgram):
+    """CoOp's context vectors (``coop``, ``coop-csc``): ``theta`` is the context
+    (:class:`~reprogram.context.ContextSpec`), no pixel changes, the image fills the frame;
+    the oracle reads the context (:meth:`reprogram.oracles.Oracle.query_context`)."""
+
+
 def build_program(spec: ProgramSpec, seed: int = 0) -> Program:
     """Build a :class:`Program`; theta ~ ``N(0, init_std^2)`` from ``torch.Generator(seed)``
     (``coordinator``: BlackVIP's initialization from ``seed``)."""
@@ -334,6 +340,8 @@ def build_program(spec: ProgramSpec, seed: int = 0) -> Program:
         return CoordinatorProgram(spec, decoder.initial(seed))
     if spec.tokens is not None:
         return TokenProgram(spec, spec.tokens.initial(seed))
+    if spec.context is not None:
+        return ContextProgram(spec, spec.context.initial(seed))
     theta = torch.zeros(spec.theta_shape)
     if spec.init_std > 0:
         gen = torch.Generator().manual_seed(seed)

@@ -136,14 +136,35 @@ def torchserve_server() -> Iterator[str]:
                 [str(bin_dir / "torchserve"), "--start", "--foreground", "--ncs",
                  "--model-store", str(store), "--models", "default=default",
                  "jpeg-only=jpeg-only", "--ts-config", str(config)],
-                stdout=out, stderr=subprocess.STDOUT, env=env, cwd=work)
+                stdout=out, stderr=subprocess.STDOUT, env=env, cwd=work,
+                start_new_session=True)  # its Java frontend and workers: one process group
             try:
                 url = f"http://127.0.0.1:{port}"
                 _wait(f"{url}/ping", proc, log, "Healthy")
                 _wait_model(url, proc, log)
                 yield url
             finally:
-                stop_process(proc)
+                _stop_group(proc)
+
+
+def _stop_group(proc: subprocess.Popen[bytes]) -> None:
+    """Stop the launcher and everything it started (TorchServe's launcher leaves its Java
+    frontend running when only the launcher is terminated)."""
+    import signal
+
+    for sig, wait in ((signal.SIGTERM, 15.0), (signal.SIGKILL, 10.0)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            proc.poll()  # reap the launcher, so that only live members keep the group
+            try:
+                os.killpg(proc.pid, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.2)
 
 
 def _wait_model(url: str, proc: subprocess.Popen[bytes], log: Path) -> None:

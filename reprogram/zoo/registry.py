@@ -27,7 +27,8 @@ DEFAULT_META = "default.json"
 # the models shipped in the package: name -> (weights, metadata) file names
 ZOO = {"default": (DEFAULT_WEIGHTS, DEFAULT_META),
        "shapes-resnet": ("shapes-resnet.safetensors", "shapes-resnet.json"),
-       "shapes-vit": ("shapes-vit.safetensors", "shapes-vit.json")}
+       "shapes-vit": ("shapes-vit.safetensors", "shapes-vit.json"),
+       "shapes-clip": ("shapes-clip.safetensors", "shapes-clip.json")}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -59,6 +60,7 @@ class ModelMeta:
             "input_size": list(self.input_size),
             "num_classes": self.num_classes,
             "weights_sha256": self.weights_sha256,
+            **({"template": self.extra["template"]} if self.extra.get("zero_shot") else {}),
         }
 
 
@@ -139,6 +141,8 @@ def load_zoo(name: str = "default", weights: Path | None = None,
             f"`python -m reprogram.zoo.train --model {name}`"
         )
     arch = str(record.get("architecture", "ShapesNet"))
+    if arch == "ShapesCLIP":
+        return _load_clip(record, weights, digest)
     if arch not in ARCHITECTURES:
         raise ModelError(f"expected an architecture among {sorted(ARCHITECTURES)} in "
                          f"{str(meta_path)!r}, got {arch!r}")
@@ -155,6 +159,29 @@ def load_zoo(name: str = "default", weights: Path | None = None,
         extra={"heldout_accuracy": record.get("heldout_accuracy")},
     )
     return SourceModel(_wrap(net, meta.mean, meta.std), meta)
+
+
+def _load_clip(record: dict[str, object], weights: Path, digest: str) -> SourceModel:
+    """``shapes-clip`` as a zero-shot classifier over its shape names with its template
+    (:func:`reprogram.vlm.with_classes` gives it other classes)."""
+    from reprogram.vlm import ZeroShotClassifier
+    from reprogram.zoo.clip import ShapesCLIP
+
+    clip = ShapesCLIP(int(record["width"]), int(record["text_width"]),  # type: ignore[call-overload]
+                      int(record["embed"]))  # type: ignore[call-overload]
+    clip.load_state_dict(load_state(weights))
+    names = tuple(str(n) for n in record["class_names"])  # type: ignore[attr-defined]
+    mean: tuple[float, ...] = tuple(record["mean"])  # type: ignore[arg-type]
+    std: tuple[float, ...] = tuple(record["std"])  # type: ignore[arg-type]
+    template = str(record["template"])
+    meta = ModelMeta(
+        name=str(record["name"]), architecture="ShapesCLIP",
+        input_size=tuple(record["input_size"]),  # type: ignore[arg-type]
+        mean=mean, std=std, class_names=names,  # type: ignore[arg-type]
+        weights_sha256=digest,
+        extra={"heldout_accuracy": record.get("heldout_accuracy"), "zero_shot": True,
+               "template": template})
+    return SourceModel(freeze(ZeroShotClassifier(clip, mean, std, names, template)), meta)
 
 
 def load_default(weights: Path | None = None, meta_path: Path | None = None) -> SourceModel:

@@ -3,6 +3,7 @@
     python -m reprogram.zoo.train                     # retrain the default model (fixed seed)
     python -m reprogram.zoo.train --model shapes-resnet   # a small ResNet (a surrogate)
     python -m reprogram.zoo.train --model shapes-vit      # a small ViT (for prompt tokens)
+    python -m reprogram.zoo.train --model shapes-clip     # a CLIP-style model (zero-shot, CoOp)
     python -m reprogram.zoo.train --evaluate          # held-out accuracy and sha256 as shipped
 
 Training takes a few minutes on 2 CPU cores (each model's record says how long). The held-out
@@ -165,7 +166,7 @@ def evaluate(name: str = "default") -> dict[str, object]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m reprogram.zoo.train", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", choices=tuple(RECIPES), default="default",
+    parser.add_argument("--model", choices=(*RECIPES, "shapes-clip"), default="default",
                         help="which zoo model (default: the default model)")
     parser.add_argument("--evaluate", action="store_true", help="evaluate the shipped model")
     parser.add_argument("--out", type=Path, default=None,
@@ -181,6 +182,13 @@ def main(argv: list[str] | None = None) -> int:
         res = evaluate(args.model)
         print(json.dumps(res, indent=2))
         return 0 if res["sha256_matches"] else 1
+    if args.model == "shapes-clip":
+        from reprogram.zoo.train_clip import train_clip
+
+        record = train_clip(args.out or zoo_paths("default")[0].parent, args.epochs, args.seed)
+        print(json.dumps({k: record[k] for k in ("heldout_accuracy", "weights_sha256")},
+                         indent=2))
+        return 0
     out = args.out or zoo_paths(args.model)[0].parent
     recipe_epochs = RECIPES[args.model].get("epochs", DEFAULT_EPOCHS)
     epochs = args.epochs or int(recipe_epochs)  # type: ignore[call-overload]
