@@ -241,6 +241,8 @@ class HttpOracle(Oracle):
             fingerprint["vocabulary"] = list(self.vocabulary.names)
         elif self._described.class_names:
             fingerprint["class_names"] = list(names)
+        if getattr(self, "_template", None):
+            fingerprint["template"] = self._template
         fingerprint.setdefault("weights_sha256", None)
         active = len(self.vocabulary.names) if self.vocabulary is not None else None
         return ModelInfo(name=d.name, input_size=self.input_size, class_names=names,
@@ -250,6 +252,22 @@ class HttpOracle(Oracle):
     @property
     def differentiable(self) -> bool:
         return False
+
+    @property
+    def zero_shot(self) -> bool:
+        """A V2 model with a ``labels`` input (:mod:`server.zero_shot`): it classifies among
+        the candidate labels each request sends."""
+        return self.protocol == "v2" and self._described.labels_input is not None
+
+    def use_labels(self, names: tuple[str, ...], template: str | None = None) -> None:
+        if not self.zero_shot:
+            super().use_labels(names, template)
+        dialect: Any = self.dialect
+        dialect.labels = tuple(names)
+        dialect.template = template or self._described.template
+        self._names = tuple(names)
+        self._template = dialect.template
+        self._cached = None
 
     def adopt_vocabulary(self, names: Any) -> None:
         """Give a prompt's recorded class names their slots (names APIs only)."""

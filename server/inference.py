@@ -198,6 +198,13 @@ class ModelRunner:
         self._max_images = max_images
         self._name = name or model.meta.name
         self._lock = threading.Lock()
+        from reprogram.vlm import is_zero_shot
+
+        self._scorer: Any = None
+        if is_zero_shot(model.module):
+            from server.zero_shot import LabelScorer
+
+            self._scorer = LabelScorer(model.module)
         k = len(model.meta.class_names)
         if output.k is not None and output.k > k:
             logger.warning("output topk:%d exceeds the %d classes; revealing all", output.k, k)
@@ -233,6 +240,23 @@ class ModelRunner:
 
     def infer(self, images: np.ndarray) -> np.ndarray:
         """Check a batch, run it and reveal: float32 ``[N, K]`` scores or int64 labels ``[N]``."""
+        return self._run(images, self._model.module)
+
+    @property
+    def zero_shot(self) -> bool:
+        """Whether requests may name the classes (a vision-language model,
+        :mod:`server.zero_shot`)."""
+        return self._scorer is not None
+
+    def infer_labels(self, images: np.ndarray, labels: tuple[str, ...],
+                     template: str | None = None) -> np.ndarray:
+        """:meth:`infer` over the candidate ``labels`` (a zero-shot model only)."""
+        assert self._scorer is not None
+        scorer = self._scorer
+        features = scorer.text_features(labels, template)
+        return self._run(images, lambda chunk: scorer.logits(chunk, features))
+
+    def _run(self, images: np.ndarray, forward: Any) -> np.ndarray:
         check_images(images, self.input_size, self._max_images)
         x = to_float(images)
         with holding(self._lock, "the model"), torch.inference_mode():
@@ -240,7 +264,7 @@ class ModelRunner:
             for start, chunk in zip(range(0, len(x), self._max_batch),
                                     torch.split(x, self._max_batch), strict=True):
                 check_deadline(f"after {start} of {len(x)} images")
-                parts.append(self._model.module(chunk))
+                parts.append(forward(chunk))
             logits = torch.cat(parts).to(torch.float32)
         out = reveal(logits, self._output)
         return out.numpy().astype(np.int64 if self._output.kind == "label" else np.float32)
@@ -258,14 +282,30 @@ class ModelRunner:
             "weights_sha256": meta.weights_sha256,
             "max_batch_size": self._max_images,
             "resize": meta.resize,
+            **(self._scorer_params() if self._scorer is not None else {}),
         }
 
+    def _scorer_params(self) -> dict[str, Any]:
+        from server.zero_shot import LABELS, MAX_LABELS
+
+        return {"zero_shot": {"input": LABELS, "template": self._scorer.template,
+                              "max_labels": MAX_LABELS}}
+
     def metadata(self) -> ModelMetadata:
-        """V2 model metadata, with everything a client needs in ``parameters``."""
-        return v2_metadata(name=self._name, platform=self._model.meta.platform,
+        """V2 model metadata, with everything a client needs in ``parameters`` (a zero-shot
+        model lists its optional ``labels`` input too)."""
+        meta = v2_metadata(name=self._name, platform=self._model.meta.platform,
                            input_hw=self.input_size,
                            output=self._output, num_classes=len(self.class_names),
                            parameters=self._parameters())
+        if self._scorer is None:
+            return meta
+        from server.zero_shot import LABELS
+
+        labels = MetadataTensor(name=LABELS, datatype="BYTES", shape=[-1],
+                                parameters={"optional": True})
+        outputs = [o.model_copy(update={"shape": [-1, -1]}) for o in meta.outputs]  # K labels
+        return meta.model_copy(update={"inputs": [*meta.inputs, labels], "outputs": outputs})
 
     def info(self) -> dict[str, Any]:
         """The native ``/v1`` model description."""

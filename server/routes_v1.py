@@ -91,7 +91,11 @@ async def predict(
             f"expected a multipart/form-data upload with field {FIELD!r}, got content type"
             f" {request.headers.get('content-type')!r}"
         )
-    async with request.form(max_files=servable.max_images, max_fields=servable.max_images) as form:
+    from server.zero_shot import MAX_LABELS
+
+    async with request.form(max_files=servable.max_images,
+                            max_fields=servable.max_images + MAX_LABELS + 1) as form:
+        labels, template = _form_labels(servable, form)
         uploads = form.getlist(FIELD)
         if not uploads:
             raise ProtocolError(
@@ -104,19 +108,43 @@ async def predict(
             files.append((item.filename or "", await item.read()))
     return await run_in_threadpool(
         admission.run, len(files), _predict, servable, files, top_k, settings.max_image_pixels,
-        PixelBudget(settings.max_request_pixels)
+        PixelBudget(settings.max_request_pixels), labels, template
     )
+
+
+def _form_labels(servable: Servable, form: Any) -> tuple[tuple[str, ...] | None, str | None]:
+    """A zero-shot model's candidate ``labels`` (repeated text fields) and ``template``."""
+    from server.zero_shot import LABELS, check_request_labels, parse_template, serves_labels
+
+    values = form.getlist(LABELS)
+    template = form.get("template")
+    if not values:
+        if template is not None:
+            raise ProtocolError(f"expected {LABELS!r} fields with the 'template' field")
+        return None, None
+    if not serves_labels(servable):
+        raise ProtocolError(f"expected no {LABELS!r}: model {servable.name!r} classifies among"
+                            " its own classes (only a zero-shot model takes candidate labels)")
+    if not all(isinstance(v, str) for v in values) or not (template is None
+                                                          or isinstance(template, str)):
+        raise ProtocolError(f"expected text values in {LABELS!r} and 'template', got a file")
+    return check_request_labels(values), parse_template({"template": template})
 
 
 def _predict(
     servable: Servable, files: list[tuple[str, bytes]], top_k: int, max_pixels: int,
-    budget: PixelBudget | None = None,
+    budget: PixelBudget | None = None, labels: tuple[str, ...] | None = None,
+    template: str | None = None,
 ) -> dict[str, Any]:
     policy = getattr(servable, "resize_policy", ("stretch", None))  # source models have one
     batch = np.stack([decode_image(data, name, servable.input_size, max_pixels, policy, budget)
                       for name, data in files])
-    scores = servable.infer(batch)
-    tops = top_entries(scores, top_k, servable.class_names, servable.output)
+    if labels is None:
+        scores, names = servable.infer(batch), servable.class_names
+    else:
+        scores = servable.infer_labels(batch, labels, template)  # type: ignore[attr-defined]
+        names = labels
+    tops = top_entries(scores, top_k, names, servable.output)
     return {
         "model": servable.name,
         "output_kind": str(servable.output),

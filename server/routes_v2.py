@@ -253,8 +253,7 @@ def run_infer(servable: Servable, body: bytes, headers: dict[str, str],
     check_json_structure(body if head_length is None else body[:head_length],
                          max_depth=caps.max_json_depth, max_elements=caps.max_json_elements)
     req, tensors = protocol.decode_request(body, headers)
-    if list(tensors) != [INPUT_NAME]:
-        raise ProtocolError(f"expected one input named {INPUT_NAME!r}, got {list(tensors)}")
+    labels, template = _labels(servable, tensors, req.parameters)
     requested = _requested_outputs(req, servable)
     images = tensors[INPUT_NAME]
     n = int(images.shape[0]) if images.ndim else 1
@@ -268,10 +267,13 @@ def run_infer(servable: Servable, body: bytes, headers: dict[str, str],
     times = [t0, time.perf_counter()]
 
     def answer() -> tuple[bytes, dict[str, str]]:  # all of it charged, or refunded together
-        scores = servable.infer(images)
+        if labels is None:
+            scores = servable.infer(images)
+        else:
+            scores = servable.infer_labels(images, labels, template)  # type: ignore[attr-defined]
         times.append(time.perf_counter())
         check_deadline("after inference")
-        outputs = [_output_tensor(servable, scores, name, binary, k)
+        outputs = [_output_tensor(servable, scores, name, binary, k, labels)
                    for name, binary, k in requested]
         content, out_headers = protocol.encode_response(
             model_name=servable.name, model_version=servable.version, request_id=req.id,
@@ -292,6 +294,25 @@ def run_infer(servable: Servable, body: bytes, headers: dict[str, str],
         out_headers["Server-Timing"] = ", ".join(f"{name};dur={(end - start) * 1e3:.3f}"
                                                  for name, start, end in stages)
     return content, out_headers
+
+
+def _labels(servable: Servable, tensors: dict[str, np.ndarray],
+            params: dict[str, Any] | None) -> tuple[tuple[str, ...] | None, str | None]:
+    """The request's candidate labels and template (a zero-shot model's ``labels`` input),
+    or ``(None, None)``; 400 for inputs the model does not take."""
+    from server.zero_shot import LABELS, parse_labels, parse_template, serves_labels
+
+    allowed = [INPUT_NAME, LABELS] if serves_labels(servable) else [INPUT_NAME]
+    names = list(tensors)
+    if INPUT_NAME not in names or any(n not in allowed for n in names):
+        takes = f"{INPUT_NAME!r} and optionally {LABELS!r}" if len(allowed) > 1 else (
+            f"one input named {INPUT_NAME!r}")
+        raise ProtocolError(f"expected {takes}, got {names}")
+    if LABELS not in tensors:
+        if (params or {}).get("template") is not None:
+            raise ProtocolError(f"expected a {LABELS!r} input with the 'template' parameter")
+        return None, None
+    return parse_labels(tensors[LABELS]), parse_template(params)
 
 
 def _answer_floor(servable: Servable, n: int, requested: list[tuple[str, bool, int]]) -> int:
@@ -336,16 +357,18 @@ def _requested_outputs(
 
 
 def _output_tensor(
-    servable: Servable, scores: np.ndarray, name: str, binary: bool, class_count: int
+    servable: Servable, scores: np.ndarray, name: str, binary: bool, class_count: int,
+    labels: tuple[str, ...] | None = None,
 ) -> OutputTensor:
+    names = labels if labels is not None else servable.class_names
     if not class_count:
         return OutputTensor(name=name, array=scores, binary=binary,
                             datatype=servable.output.datatype)
     if servable.output.kind == "label":
-        onehot = np.zeros((scores.shape[0], len(servable.class_names)), dtype=np.float32)
+        onehot = np.zeros((scores.shape[0], len(names)), dtype=np.float32)
         onehot[np.arange(scores.shape[0]), scores] = 1.0
         scores, class_count = onehot, 1
     elif servable.output.k is not None:
         class_count = min(class_count, servable.output.k)
-    strings = protocol.encode_classification(scores, class_count, servable.class_names)
+    strings = protocol.encode_classification(scores, class_count, names)
     return OutputTensor(name=name, array=strings, binary=binary, datatype="BYTES")

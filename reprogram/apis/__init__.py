@@ -92,6 +92,9 @@ class Described:
     max_batch: int | None = None
     accepts: frozenset[str] = frozenset()  # tensor datatypes the input takes, if declared
     identity: dict[str, Any] = field(default_factory=dict)  # name, version, shapes ...
+    # a zero-shot model's optional candidate-labels input (BYTES [K]) and its default template
+    labels_input: str | None = None
+    template: str | None = None
 
 
 TIMING_KEYS = ("encode", "http", "decode", "server_decode", "server_forward", "server_encode")

@@ -63,6 +63,9 @@ def _size_from(shape: list[Any], layout: Layout) -> tuple[int, int] | None:
 class V2(Dialect):
     protocol = "v2"
 
+    labels: tuple[str, ...] | None = None  # candidate labels sent with every request
+    template: str | None = None
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.binary = self.options.tensor_format != "json"
@@ -111,6 +114,11 @@ class V2(Dialect):
                    *(str(d).upper() for d in (image.get("parameters") or {}).get(
                        "also_accepts") or []),
                    *(str(d).upper() for d in params.get("input_datatypes") or [])} - {""}
+        labels_input = next((str(t.get("name")) for t in (meta.get("inputs") or [])[1:]
+                             if isinstance(t, dict) and str(t.get("datatype", "")).upper()
+                             == "BYTES" and t.get("name") == "labels"), None)
+        raw_zs = params.get("zero_shot")
+        zero_shot: dict[str, Any] = raw_zs if isinstance(raw_zs, dict) else {}
         identity = {"name": str(meta.get("name", self.model)),
                     "versions": meta.get("versions"), "platform": meta.get("platform") or None,
                     "weights_sha256": params.get("weights_sha256"),
@@ -122,7 +130,8 @@ class V2(Dialect):
             class_names=tuple(str(n) for n in names) if names else None,
             num_classes=int(k) if isinstance(k, int) and k > 0 else None,
             output_kind=str(kind) if kind else None, max_batch=int(cap) if cap else None,
-            accepts=frozenset(accepts), identity=identity)
+            accepts=frozenset(accepts), identity=identity, labels_input=labels_input,
+            template=str(zero_shot["template"]) if zero_shot.get("template") else None)
 
     def _choose_format(self) -> None:
         """Binary or JSON from the extensions ``GET /v2`` lists; undecided when it lists none."""
@@ -169,8 +178,15 @@ class V2(Dialect):
         t0 = time.perf_counter()
         outputs = None if self.output_name is None else [protocol.RequestedOutput(
             name=self.output_name, parameters={"binary_data": binary})]
-        body, headers = protocol.encode_request({self.input_name: images}, outputs,
-                                                binary=binary, request_id=str(next(self._ids)))
+        inputs: dict[str, Any] = {self.input_name: images}
+        parameters: dict[str, Any] = {}
+        if self.labels is not None:  # a zero-shot model: the candidate labels, every time
+            inputs["labels"] = np.array(self.labels, dtype=object)
+            if self.template is not None:
+                parameters["template"] = self.template
+        body, headers = protocol.encode_request(inputs, outputs, binary=binary,
+                                                request_id=str(next(self._ids)),
+                                                parameters=parameters or None)
         t1 = time.perf_counter()
         response = self.transport.request("POST", f"/v2/models/{self.model}/infer",
                                           content=body, headers=headers)

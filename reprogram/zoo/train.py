@@ -152,7 +152,13 @@ def evaluate(name: str = "default") -> dict[str, object]:
     weights, meta_path = zoo_paths(name)
     record = json.loads(meta_path.read_text())
     model = load_zoo(name)  # raises if the sha256 does not match
-    xh, yh = heldout_set()
+    if record.get("architecture") == "ShapesCLIP":  # zero-shot, on its own world's images
+        from reprogram.zoo.captions import labelled
+        from reprogram.zoo.train_clip import HELDOUT_SEED as CLIP_HELDOUT
+
+        xh, yh = labelled(N_HELDOUT, CLIP_HELDOUT, SHAPE_CLASSES, "shape", SIZE)
+    else:
+        xh, yh = heldout_set()
     return {
         "heldout_accuracy": accuracy(model.module, xh, yh),
         "recorded_heldout_accuracy": record["heldout_accuracy"],
