@@ -46,6 +46,15 @@ T = TypeVar("T")
 PROBS = OutputKind(kind="probs")
 
 
+def bind_labels(oracle: Oracle, prompt: Any) -> None:
+    """A zero-shot source classifies among the prompt's classes, with its template (call with
+    the shared oracle's lock held: every hosted prompt of a vision-language model sets its
+    own labels before it queries)."""
+    if oracle.zero_shot:
+        template = prompt.source.get("template")
+        oracle.use_labels(tuple(prompt.target_classes), str(template) if template else None)
+
+
 class SharedOracle:
     """An oracle behind a lock: one query at a time, whichever servable asks."""
 
@@ -215,7 +224,12 @@ class PromptServable:
         """Target-class probabilities float32 ``[N, K_t]`` of one batch of equal-size images."""
         check_target_images(images, self._max_images, self._max_pixels)
         x = torch.from_numpy(np.ascontiguousarray(images))
-        probs = self._shared.run(lambda oracle: self._model.predict_proba(x, oracle))
+
+        def predict(oracle: Oracle) -> torch.Tensor:
+            bind_labels(oracle, self.prompt)
+            return self._model.predict_proba(x, oracle)
+
+        probs = self._shared.run(predict)
         return probs.cpu().numpy().astype(np.float32)
 
     def predict_images(self, images: Sequence[np.ndarray]) -> np.ndarray:

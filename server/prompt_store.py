@@ -27,8 +27,9 @@ from pathlib import Path
 from reprogram.artifact import check_compatible, loads_prompt
 from reprogram.artifact_check import PromptHeader
 from reprogram.errors import ArtifactError, ReprogramError
+from reprogram.oracles import Oracle
 from server.gate import visible_to
-from server.hosted import PromptServable, SharedOracle
+from server.hosted import PromptServable, SharedOracle, bind_labels
 from server.inference import HTTPStatusError, NotFound, NotReady, Registry, TooLarge
 from server.state.records import (
     ID_HEX,
@@ -124,14 +125,17 @@ class PromptStore:
                            f" {len(data)} in {label}")
         shared = self._oracle()
 
+        def check(oracle: Oracle, header: PromptHeader) -> None:
+            oracle.adopt_vocabulary(header.source.get("vocabulary"))
+            bind_labels(oracle, header)
+            info = oracle.info
+            check_compatible(header, info.input_size, info.num_classes, info.fingerprint,
+                             allow_unverified=self.allow_unverified, oracle=oracle)
+
         def compatible(header: PromptHeader) -> None:  # before any tensor is built
             try:
-                shared.oracle.adopt_vocabulary(header.source.get("vocabulary"))
-                info = shared.oracle.info
-                check_compatible(header, info.input_size, info.num_classes, info.fingerprint,
-                                 allow_unverified=self.allow_unverified,
-                                 oracle=shared.oracle)
-            except ArtifactError as exc:
+                shared.run(lambda oracle: check(oracle, header))
+            except ReprogramError as exc:
                 raise IncompatiblePrompt(f"{label} does not fit the served model"
                                          f" {shared.oracle.info.name!r}: {exc}") from None
 

@@ -9,6 +9,7 @@ its labels (no label map).
 
 from __future__ import annotations
 
+import json
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -33,8 +34,9 @@ INFER = "/v2/models/shapes-clip/infer"
 
 
 @pytest.fixture(scope="module")
-def clip_server() -> Iterator[str]:
-    server: ServerProcess = model_server("--model", "shapes-clip")
+def clip_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    server: ServerProcess = model_server("--model", "shapes-clip", "--prompts-dir",
+                                         str(tmp_path_factory.mktemp("clip-prompts")))
     yield server.start()
     server.stop()
 
@@ -142,7 +144,7 @@ def test_any_class_name_encodes_and_a_long_one_is_refused() -> None:
 
 
 @pytest.mark.slow
-def test_coop_fits_round_trip_and_refuse_another_model(tmp_path: Path) -> None:
+def test_coop_fits_round_trip_and_refuse_another_model(tmp_path: Path, clip_server: str) -> None:
     common = ("--model", "shapes-clip", "--data", "colours", "--epochs", "2", "--no-progress")
     for kind in ("coop", "coop-csc"):
         out = tmp_path / f"{kind}.safetensors"
@@ -155,6 +157,22 @@ def test_coop_fits_round_trip_and_refuse_another_model(tmp_path: Path) -> None:
         assert (prompt.program.context.classes is not None) == (kind == "coop-csc")
         assert prompt.source["template"] == "a photo of a {}."
         assert prompt.target_classes == COLOURS
+        # hosted by the zero-shot server, it predicts what `reprogram apply` does
+        uploaded = httpx.post(clip_server + "/v1/prompts", timeout=60, files={
+            "file": (out.name, out.read_bytes(), "application/octet-stream")})
+        assert uploaded.status_code == 201, uploaded.text
+        images = [tmp_path / f"{i}.png" for i in range(4)]
+        for path, image in zip(images, _images(4), strict=True):
+            path.write_bytes(png(image))
+        hosted = httpx.post(f"{clip_server}/v1/prompts/{uploaded.json()['id']}/predict",
+                            timeout=60, files=[("files", (p.name, p.read_bytes(), "image/png"))
+                                               for p in images])
+        assert hosted.status_code == 200, hosted.text
+        applied = subprocess.run([*cli_command(), "apply", "--model", "shapes-clip", "--prompt",
+                                  str(out), *map(str, images)], capture_output=True, text=True,
+                                 timeout=120, check=True)
+        assert [p["label"] for p in hosted.json()["predictions"]] == [
+            json.loads(line)["label"] for line in applied.stdout.splitlines()]
     refused = subprocess.run([*cli_command(), "eval", "--model", "default", "--prompt",
                               str(tmp_path / "coop.safetensors"), "--data", "colours"],
                              capture_output=True, text=True, timeout=120, check=False)
