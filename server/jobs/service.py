@@ -21,7 +21,8 @@ from typing import Any, ClassVar
 import torch
 
 from reprogram.config import FitConfig, recommended_config
-from reprogram.defaults import TOKEN_PROGRAM
+from reprogram.context import CONTEXT_KINDS
+from reprogram.defaults import CONTEXT_PROGRAM, TOKEN_PROGRAM
 from reprogram.errors import ConfigError
 from reprogram.program_spec import TOKEN_KINDS
 from reprogram.zoo.registry import ZOO
@@ -72,6 +73,8 @@ def job_config(raw: object) -> FitConfig:
     estimator = options.pop("estimator", None) or "autograd"
     if options.get("program") in TOKEN_KINDS:
         options.update({k: v for k, v in TOKEN_PROGRAM.items() if options.get(k) is None})
+    if options.get("program") in CONTEXT_KINDS:
+        options.update({k: v for k, v in CONTEXT_PROGRAM.items() if options.get(k) is None})
     try:
         cfg = recommended_config(str(estimator), **options)
     except (ConfigError, TypeError, ValueError) as exc:
