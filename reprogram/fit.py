@@ -130,16 +130,15 @@ class Fitter:
                  init: dict[str, torch.Tensor] | None = None) -> None:
         self.cfg = cfg
         self.oracle = oracle
-        if oracle.zero_shot:  # a vision-language model classifies among the target's names
+        if oracle.zero_shot:  # a vision-language model: the target's names are its classes
             oracle.use_labels(tuple(data.class_names))
         self.train, self.val, self.test = data.split(cfg.val_fraction, cfg.test_fraction,
                                                      cfg.seed)
         info = oracle.info
         vit = oracle.token_adapter() if cfg.program in TOKEN_KINDS else None
-        text = ((oracle.context_width(), info.num_classes) if cfg.program in CONTEXT_KINDS
-                else None)
-        spec = cfg.program_spec(info.input_size, native_size=min(data.images.shape[2:]),
-                                vit=vit, text=text)
+        text = (oracle.context_width(), info.num_classes) if cfg.program in CONTEXT_KINDS else None
+        spec = cfg.program_spec(info.input_size, native_size=min(data.images.shape[2:]), vit=vit,
+                                text=text)
         program = build_program(spec, seed=cfg.seed)
         num_source = vit.width if vit is not None and cfg.labelmap == "head" else info.num_classes
         labelmap = build_labelmap(cfg.labelmap_spec(num_source, data.num_classes))

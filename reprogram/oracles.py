@@ -13,12 +13,13 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 import torch.nn.functional as F
 
 from reprogram.errors import BudgetExhausted, ConfigError, DataError
+from reprogram.local_internals import LocalInternals
 from reprogram.pixels import clamp01
 from reprogram.zoo.registry import SourceModel
 
@@ -249,7 +250,7 @@ class Oracle(ABC):
         self.requests_used = int(counts["requests"])
 
 
-class LocalOracle(Oracle):
+class LocalOracle(LocalInternals, Oracle):
     """An in-process model as an oracle.
 
     ``quantize`` rounds every queried image to 8 bits as a uint8 wire would (with a
@@ -327,46 +328,6 @@ class LocalOracle(Oracle):
     def device(self) -> torch.device:
         return self._device
 
-    @property
-    def zero_shot(self) -> bool:
-        from reprogram.vlm import is_zero_shot
-
-        return is_zero_shot(self.model.module)
-
-    def use_labels(self, names: tuple[str, ...], template: str | None = None) -> None:
-        from reprogram.vlm import with_classes
-
-        if not self.zero_shot:
-            super().use_labels(names, template)
-        model = with_classes(self.model, tuple(names), template)
-        self.model = SourceModel(model.module.to(self._device), model.meta,
-                                 model.differentiable)
-        self._slot_of = torch.full((model.meta.num_classes,), -1, dtype=torch.long)
-        self._fingerprint = model.meta.fingerprint()
-        self._cached = None
-
-    def context_width(self) -> int:
-        if not self.zero_shot or not self.model.differentiable:
-            from reprogram.context import CONTEXT_NEEDS_WEIGHTS
-
-            raise ConfigError(f"expected a local vision-language model for context vectors,"
-                              f" got {self.model.meta.name!r}; {CONTEXT_NEEDS_WEIGHTS}")
-        module: Any = self.model.module
-        return int(module.context_width)
-
-    def _query_context(self, x: torch.Tensor, contexts: torch.Tensor
-                       ) -> tuple[torch.Tensor, int]:
-        if self.vocabulary is not None:
-            raise ConfigError("expected probs, logits, topk or label answers for context "
-                              "vectors, got class names")
-        x = self._wire(x.to(self._device))
-        module: Any = self.model.module
-        out = [reduce_scores(module.context_logits(x[i : i + self.max_batch], contexts[j : j + 1]
-                                                   .to(self._device)), self._output)
-               for j in range(contexts.shape[0]) for i in range(0, x.shape[0], self.max_batch)]
-        order = torch.cat(out)
-        return order, 1
-
     def adopt_vocabulary(self, names: object) -> None:
         """Give a prompt's recorded class names their slots (``topk-names:K`` only)."""
         if self.vocabulary is not None and isinstance(names, list | tuple) and names:
@@ -407,73 +368,3 @@ class LocalOracle(Oracle):
         if self.vocabulary is not None:
             return self._named(logits), 1
         return reduce_scores(logits, self._output), 1
-
-
-    def token_adapter(self) -> ViTAdapter:
-        if self._adapter is None:
-            from reprogram.tokens import vit_adapter
-
-            if not self.model.differentiable:
-                raise ConfigError("expected a torch model for token prompts, got one without "
-                                  "its layers (ONNX); load the ViT as a state dict")
-            self._adapter = vit_adapter(self.model.module)
-        return self._adapter
-
-    def _query_tokens(self, adapter: ViTAdapter, x: torch.Tensor, tokens: torch.Tensor,
-                      features: bool) -> tuple[torch.Tensor, int]:
-        if self.vocabulary is not None:
-            raise ConfigError("expected probs, logits, topk or label answers for token "
-                              "prompts, got class names")
-        x = self._wire(x.to(self._device))
-        out = []
-        for prompt in tokens.to(self._device):
-            for i in range(0, x.shape[0], self.max_batch):
-                f = adapter.features(x[i : i + self.max_batch], prompt)
-                out.append(f if features else reduce_scores(adapter.head(f), self._output))
-        return torch.cat(out), 1
-
-
-class OracleWrapper(Oracle):
-    """An oracle seen through another: delegates everything to ``inner`` and keeps its own
-    counts and budget. Subclasses override :meth:`_query` to observe or change queries."""
-
-    def __init__(self, inner: Oracle, *, budget: int | None = None,
-                 max_requests: int | None = None) -> None:
-        super().__init__(budget=budget, max_requests=max_requests)
-        self.inner = inner
-
-    @property
-    def info(self) -> ModelInfo:
-        return self.inner.info
-
-    @property
-    def differentiable(self) -> bool:
-        return self.inner.differentiable
-
-    @property
-    def device(self) -> torch.device:
-        return self.inner.device
-
-    def _query(self, x: torch.Tensor) -> tuple[torch.Tensor, int]:
-        return self.inner._query(x)
-
-    def token_adapter(self) -> ViTAdapter:
-        return self.inner.token_adapter()
-
-    @property
-    def zero_shot(self) -> bool:
-        return self.inner.zero_shot
-
-    def context_width(self) -> int:
-        return self.inner.context_width()
-
-    def _query_context(self, x: torch.Tensor, contexts: torch.Tensor
-                       ) -> tuple[torch.Tensor, int]:
-        return self.inner._query_context(x, contexts)
-
-    def use_labels(self, names: tuple[str, ...], template: str | None = None) -> None:
-        self.inner.use_labels(names, template)
-
-    def _query_tokens(self, adapter: ViTAdapter, x: torch.Tensor, tokens: torch.Tensor,
-                      features: bool) -> tuple[torch.Tensor, int]:
-        return self.inner._query_tokens(adapter, x, tokens, features)

@@ -198,13 +198,9 @@ class ModelRunner:
         self._max_images = max_images
         self._name = name or model.meta.name
         self._lock = threading.Lock()
-        from reprogram.vlm import is_zero_shot
+        from server.zero_shot import scorer_of
 
-        self._scorer: Any = None
-        if is_zero_shot(model.module):
-            from server.zero_shot import LabelScorer
-
-            self._scorer = LabelScorer(model.module)
+        self._scorer = scorer_of(model.module)  # a vision-language model's candidate labels
         k = len(model.meta.class_names)
         if output.k is not None and output.k > k:
             logger.warning("output topk:%d exceeds the %d classes; revealing all", output.k, k)
@@ -282,14 +278,8 @@ class ModelRunner:
             "weights_sha256": meta.weights_sha256,
             "max_batch_size": self._max_images,
             "resize": meta.resize,
-            **(self._scorer_params() if self._scorer is not None else {}),
+            **(self._scorer.parameters() if self._scorer is not None else {}),
         }
-
-    def _scorer_params(self) -> dict[str, Any]:
-        from server.zero_shot import LABELS, MAX_LABELS
-
-        return {"zero_shot": {"input": LABELS, "template": self._scorer.template,
-                              "max_labels": MAX_LABELS}}
 
     def metadata(self) -> ModelMetadata:
         """V2 model metadata, with everything a client needs in ``parameters`` (a zero-shot
@@ -298,14 +288,7 @@ class ModelRunner:
                            input_hw=self.input_size,
                            output=self._output, num_classes=len(self.class_names),
                            parameters=self._parameters())
-        if self._scorer is None:
-            return meta
-        from server.zero_shot import LABELS
-
-        labels = MetadataTensor(name=LABELS, datatype="BYTES", shape=[-1],
-                                parameters={"optional": True})
-        outputs = [o.model_copy(update={"shape": [-1, -1]}) for o in meta.outputs]  # K labels
-        return meta.model_copy(update={"inputs": [*meta.inputs, labels], "outputs": outputs})
+        return meta if self._scorer is None else self._scorer.metadata(meta)
 
     def info(self) -> dict[str, Any]:
         """The native ``/v1`` model description."""

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from reprogram.errors import ConfigError, ProtocolError
+from reprogram.protocol import MetadataTensor, ModelMetadata
 from reprogram.vlm import DEFAULT_TEMPLATE, check_labels, is_zero_shot
 from reprogram.zoo.clip import MAX_LABEL_CHARS, tokenize
 
@@ -120,3 +121,20 @@ class LabelScorer:
 
     def logits(self, x: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
         return self.module.clip.logits(self.module.image_features(x), features)
+
+    def parameters(self) -> dict[str, Any]:
+        """What the model metadata's ``parameters`` say about the labels input."""
+        return {"zero_shot": {"input": LABELS, "template": self.template,
+                              "max_labels": MAX_LABELS}}
+
+    def metadata(self, meta: ModelMetadata) -> ModelMetadata:
+        """``meta`` with the optional ``labels`` input, and ``[-1, -1]`` scores (K labels)."""
+        labels = MetadataTensor(name=LABELS, datatype="BYTES", shape=[-1],
+                                parameters={"optional": True})
+        outputs = [o.model_copy(update={"shape": [-1, -1]}) for o in meta.outputs]
+        return meta.model_copy(update={"inputs": [*meta.inputs, labels], "outputs": outputs})
+
+
+def scorer_of(module: torch.nn.Module) -> LabelScorer | None:
+    """The label scorer of a vision-language model; None for a classifier."""
+    return LabelScorer(module) if is_zero_shot(module) else None

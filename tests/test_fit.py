@@ -17,7 +17,8 @@ from reprogram.data import TargetDataset, load_digits
 from reprogram.errors import ConfigError, EstimatorError
 from reprogram.estimators import RGFEstimator, SPSAEstimator
 from reprogram.fit import PHASES, FitResult, Fitter, fit, plan
-from reprogram.oracles import LocalOracle, OracleWrapper
+from reprogram.oracle_wrapper import OracleWrapper
+from reprogram.oracles import LocalOracle
 from reprogram.zoo.registry import SourceModel
 
 pytestmark = pytest.mark.usefixtures("one_thread")
