@@ -166,7 +166,7 @@ def test_load_folder_reads_png_and_jpeg(tmp_path: Path) -> None:
 def test_load_folder_errors(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="expected a folder"):
         load_folder(tmp_path / "missing")
-    with pytest.raises(DataError, match="'digits', 'squares' or an existing folder"):
+    with pytest.raises(DataError, match="'digits', 'squares', 'colours' or an existing folder"):
         load_dataset(str(tmp_path / "missing"))
 
     one = tmp_path / "one"
