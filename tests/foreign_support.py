@@ -24,7 +24,7 @@ import pytest
 import torch
 from PIL import Image
 
-from bench.common import free_port, stop_process
+from bench.common import free_port, stop_process, stop_process_group
 from reprogram.data import load_dataset
 from reprogram.zoo.registry import load_model
 
@@ -144,27 +144,7 @@ def torchserve_server() -> Iterator[str]:
                 _wait_model(url, proc, log)
                 yield url
             finally:
-                _stop_group(proc)
-
-
-def _stop_group(proc: subprocess.Popen[bytes]) -> None:
-    """Stop the launcher and everything it started (TorchServe's launcher leaves its Java
-    frontend running when only the launcher is terminated)."""
-    import signal
-
-    for sig, wait in ((signal.SIGTERM, 15.0), (signal.SIGKILL, 10.0)):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        deadline = time.monotonic() + wait
-        while time.monotonic() < deadline:
-            proc.poll()  # reap the launcher, so that only live members keep the group
-            try:
-                os.killpg(proc.pid, 0)
-            except ProcessLookupError:
-                return
-            time.sleep(0.2)
+                stop_process_group(proc)
 
 
 def _wait_model(url: str, proc: subprocess.Popen[bytes], log: Path) -> None:

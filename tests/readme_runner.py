@@ -7,8 +7,6 @@ The shell is one process group: whatever the blocks leave running is stopped at 
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
 import time
 from collections.abc import Mapping
@@ -16,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from readme_blocks import Block, output_diff
+
+from bench.common import stop_process_group
 
 
 @dataclass
@@ -76,25 +76,6 @@ def _seconds(state: Path, n: int) -> float | None:
     return float(t1) - float(t0) if t0 and t1 else None
 
 
-def _stop_group(proc: subprocess.Popen[bytes]) -> None:
-    """Terminate the driver's process group: the shell and whatever it left in the
-    background (then kill what lingers)."""
-    for sig, grace in ((signal.SIGTERM, 15.0), (signal.SIGKILL, 5.0)):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        deadline = time.monotonic() + grace
-        while time.monotonic() < deadline:
-            try:
-                os.killpg(proc.pid, 0)
-            except ProcessLookupError:
-                proc.poll()
-                return
-            proc.poll()
-            time.sleep(0.1)
-
-
 def _failed_command(state: Path, block: Block) -> list[str]:
     """Where the ERR trap saw the block fail, as ``LINE: COMMAND`` in the Markdown file."""
     line, _, command = _read(state / "failed").strip().partition(" ")
@@ -140,7 +121,7 @@ def run_blocks(blocks: list[Block], cwd: Path, env: Mapping[str, str],
     try:
         timed_out = _watch(proc, blocks, state)
     finally:
-        _stop_group(proc)
+        stop_process_group(proc)
     current = _read(state / "current").strip()
     outcomes = []
     for n, b in enumerate(blocks, 1):
