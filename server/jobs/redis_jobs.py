@@ -54,7 +54,7 @@ from server.jobs.store import (
     JobStore,
     _Owned,
 )
-from server.state.errors import StateUnavailable, redis_errors
+from server.state.errors import StateUnavailable, call, redis_errors
 
 if TYPE_CHECKING:
     import redis
@@ -107,11 +107,8 @@ class RedisJobs(JobStore):
     def _key(self, job_id: str, part: str) -> str:
         return f"{self._prefix}fit:{job_id}:{part}"
 
-    def _call(self, what: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except redis_errors() as exc:
-            raise StateUnavailable.of(self._where, what, exc) from None
+    def _call(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        return call(self._where, what, fn, *args, **kwargs)
 
     # -- records -----------------------------------------------------------------------
 

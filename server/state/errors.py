@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from server.inference import HTTPStatusError
 
 RETRY_AFTER_S = 5
@@ -30,3 +32,12 @@ def redis_errors() -> tuple[type[BaseException], ...]:
 
     return (rex.ConnectionError, rex.TimeoutError, rex.BusyLoadingError, rex.ReadOnlyError,
             rex.ResponseError, OSError)
+
+
+def call(where: str, what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
+    """``fn(*args, **kwargs)`` against Redis, its failures as :class:`StateUnavailable`
+    ("cannot WHAT: the shared state at WHERE is unavailable ...")."""
+    try:
+        return fn(*args, **kwargs)
+    except redis_errors() as exc:
+        raise StateUnavailable.of(where, what, exc) from None

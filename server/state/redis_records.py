@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING, Any
 
-from server.state.errors import StateUnavailable, redis_errors
+from server.state.errors import call
 from server.state.records import RecordHead
 
 if TYPE_CHECKING:
@@ -48,11 +48,8 @@ class RedisRecords:
     def _blob(self, pid: str) -> str:
         return f"{self._prefix}prompt:{pid}"
 
-    def _call(self, what: str, fn: Any, *args: Any) -> Any:
-        try:
-            return fn(*args)
-        except redis_errors() as exc:
-            raise StateUnavailable.of(self._where, what, exc) from None
+    def _call(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        return call(self._where, what, fn, *args, **kwargs)
 
     def write(self, head: RecordHead, data: bytes | None) -> RecordHead:
         if data is not None:
