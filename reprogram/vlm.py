@@ -63,7 +63,7 @@ class ZeroShotClassifier(nn.Module):
         self.class_names = tuple(class_names)
         self.template = template
         with torch.no_grad():
-            features = clip.encode_text(tokenize([template.format(n) for n in class_names]))
+            features = clip.encode_names(class_names, template)
         self.register_buffer("text_features", features, persistent=False)
 
     @property

@@ -27,7 +27,7 @@ import torch
 from reprogram.errors import ConfigError, ProtocolError
 from reprogram.protocol import MetadataTensor, ModelMetadata
 from reprogram.vlm import DEFAULT_TEMPLATE, check_labels, is_zero_shot
-from reprogram.zoo.clip import MAX_LABEL_CHARS, tokenize
+from reprogram.zoo.clip import MAX_LABEL_CHARS
 
 LABELS = "labels"
 MAX_LABELS = 256  # candidate labels per request
@@ -112,7 +112,7 @@ class LabelScorer:
                 self._features.move_to_end(key)
                 return cached
         with torch.inference_mode():
-            feats = self.module.clip.encode_text(tokenize([key[0].format(n) for n in labels]))
+            feats = self.module.clip.encode_names(labels, key[0])
         with self._lock:
             self._features[key] = feats
             while len(self._features) > CACHE:

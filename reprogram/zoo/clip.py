@@ -127,6 +127,10 @@ class ShapesCLIP(nn.Module):
     def encode_text(self, ids: Tensor, context: Tensor | None = None) -> Tensor:
         return F.normalize(self.text(ids, context), dim=-1)
 
+    def encode_names(self, names: tuple[str, ...] | list[str], template: str) -> Tensor:
+        """Class features ``[K, embed]`` of the prompts ``template.format(name)``."""
+        return self.encode_text(tokenize([template.format(n) for n in names]))
+
     def scale(self) -> Tensor:
         return self.logit_scale.clamp(max=4.6052).exp()  # CLIP clips the scale at 100
 

@@ -39,7 +39,7 @@ def zero_shot_accuracy(model: ShapesCLIP, normalize: Normalize, x: torch.Tensor,
                        template: str = HAND_TEMPLATE) -> float:
     """Top-1 accuracy of the prompts ``template.format(name)`` on uint8 images ``x``."""
     model.eval()
-    text = model.encode_text(tokenize([template.format(n) for n in names]))
+    text = model.encode_names(names, template)
     correct = 0
     for i in range(0, len(x), 500):
         image = model.encode_image(normalize(x[i : i + 500].float() / 255.0))
