@@ -43,9 +43,11 @@ class LocalInternals:
 
         if not self.zero_shot:
             super().use_labels(names, template)  # type: ignore[misc]
+        current: Any = self.model.module
+        if tuple(names) == current.class_names and template in (None, current.template):
+            return  # already these classes: a hosted prompt sets its own before every query
         model = with_classes(self.model, tuple(names), template)
-        self.model = _source(model.module.to(self._device), model.meta,
-                                 model.differentiable)
+        self.model = _source(model.module.to(self._device), model.meta, model.differentiable)
         self._slot_of = torch.full((model.meta.num_classes,), -1, dtype=torch.long)
         self._fingerprint = model.meta.fingerprint()
         self._cached = None
