@@ -204,8 +204,9 @@ def make_oracle(args: argparse.Namespace, budget: int | None = None) -> Any:
             from reprogram.oracles import TOKENS_NEED_WEIGHTS
 
             raise ConfigError(TOKENS_NEED_WEIGHTS)
-        if getattr(args, "program", None) in ("coop", "coop-csc"):
-            from reprogram.context import CONTEXT_NEEDS_WEIGHTS
+        from reprogram.context import CONTEXT_KINDS, CONTEXT_NEEDS_WEIGHTS
+
+        if getattr(args, "program", None) in CONTEXT_KINDS:
 
             raise ConfigError(CONTEXT_NEEDS_WEIGHTS)
         retry = SERVE_RETRY if args.command == "serve" else None

@@ -17,6 +17,7 @@ from PIL import Image, UnidentifiedImageError
 
 from reprogram.artifact import Prompt, check_compatible, load_prompt, save_prompt
 from reprogram.config import FitConfig, recommended_config
+from reprogram.context import CONTEXT_KINDS
 from reprogram.data import TargetDataset, load_dataset
 from reprogram.defaults import (
     CONTEXT_PROGRAM,
@@ -28,6 +29,7 @@ from reprogram.defaults import (
 from reprogram.errors import ConfigError, DataError
 from reprogram.oracles import Oracle
 from reprogram.plots import learning_curve, program_picture
+from reprogram.vlm import bind_prompt_labels
 
 log = logging.getLogger("reprogram")
 
@@ -97,7 +99,7 @@ def fit_config_from_args(args: argparse.Namespace, differentiable: bool = True,
         options.update({k: v for k, v in LABEL_VOTES.items() if options.get(k) is None})
     if options["program"] in ("vpt-shallow", "vpt-deep"):
         options.update({k: v for k, v in TOKEN_PROGRAM.items() if options.get(k) is None})
-    if options["program"] in ("coop", "coop-csc"):
+    if options["program"] in CONTEXT_KINDS:
         options.update({k: v for k, v in CONTEXT_PROGRAM.items() if options.get(k) is None})
     return recommended_config(estimator, **options)
 
@@ -231,9 +233,7 @@ def cmd_fit_on_server(args: argparse.Namespace) -> int:
 def _prompt_for(args: argparse.Namespace, oracle: Oracle) -> Prompt:
     prompt = load_prompt(args.prompt)
     oracle.adopt_vocabulary(prompt.source.get("vocabulary"))
-    if oracle.zero_shot:  # classify among the prompt's classes, with its template
-        template = prompt.source.get("template")
-        oracle.use_labels(prompt.target_classes, str(template) if template else None)
+    bind_prompt_labels(oracle, prompt)  # a zero-shot model: the prompt's classes and template
     info = oracle.info
     check_compatible(prompt, info.input_size, info.num_classes, info.fingerprint,
                      allow_unverified=getattr(args, "allow_unverified_model", False),

@@ -197,6 +197,7 @@ class HttpOracle(Oracle):
             self._kind = kind
             names = names or tuple(f"class_{i}" for i in range(int(k or 0)))
         self._names = names
+        self._template: str | None = None  # a zero-shot model's, once labels are set
         self._version = -1
         self._cached: ModelInfo | None = None
 
@@ -241,7 +242,7 @@ class HttpOracle(Oracle):
             fingerprint["vocabulary"] = list(self.vocabulary.names)
         elif self._described.class_names:
             fingerprint["class_names"] = list(names)
-        if getattr(self, "_template", None):
+        if self._template:
             fingerprint["template"] = self._template
         fingerprint.setdefault("weights_sha256", None)
         active = len(self.vocabulary.names) if self.vocabulary is not None else None

@@ -110,3 +110,12 @@ def with_classes(model: Any, class_names: tuple[str, ...],
     extra = {**model.meta.extra, "zero_shot": True, "template": template}
     return SourceModel(head, replace(model.meta, class_names=tuple(class_names), extra=extra),
                        model.differentiable)
+
+
+def bind_prompt_labels(oracle: Any, prompt: Any) -> None:
+    """A zero-shot oracle classifies among a prompt's target classes with its recorded
+    template (a no-op for other oracles): what ``eval``, ``apply`` and hosting do before a
+    prompt queries."""
+    if oracle.zero_shot:
+        template = prompt.source.get("template")
+        oracle.use_labels(tuple(prompt.target_classes), str(template) if template else None)

@@ -30,6 +30,7 @@ from reprogram.errors import ProtocolError
 from reprogram.oracles import Oracle
 from reprogram.pipeline import Reprogrammer
 from reprogram.protocol import ModelMetadata
+from reprogram.vlm import bind_prompt_labels
 from server.budget import check_deadline, holding
 from server.inference import (
     INPUT_NAME,
@@ -44,15 +45,6 @@ from server.settings import OutputKind
 
 T = TypeVar("T")
 PROBS = OutputKind(kind="probs")
-
-
-def bind_labels(oracle: Oracle, prompt: Any) -> None:
-    """A zero-shot source classifies among the prompt's classes, with its template (call with
-    the shared oracle's lock held: every hosted prompt of a vision-language model sets its
-    own labels before it queries)."""
-    if oracle.zero_shot:
-        template = prompt.source.get("template")
-        oracle.use_labels(tuple(prompt.target_classes), str(template) if template else None)
 
 
 class SharedOracle:
@@ -226,7 +218,7 @@ class PromptServable:
         x = torch.from_numpy(np.ascontiguousarray(images))
 
         def predict(oracle: Oracle) -> torch.Tensor:
-            bind_labels(oracle, self.prompt)
+            bind_prompt_labels(oracle, self.prompt)  # under the shared oracle's lock
             return self._model.predict_proba(x, oracle)
 
         probs = self._shared.run(predict)

@@ -28,8 +28,9 @@ from reprogram.artifact import check_compatible, loads_prompt
 from reprogram.artifact_check import PromptHeader
 from reprogram.errors import ArtifactError, ReprogramError
 from reprogram.oracles import Oracle
+from reprogram.vlm import bind_prompt_labels
 from server.gate import visible_to
-from server.hosted import PromptServable, SharedOracle, bind_labels
+from server.hosted import PromptServable, SharedOracle
 from server.inference import HTTPStatusError, NotFound, NotReady, Registry, TooLarge
 from server.state.records import (
     ID_HEX,
@@ -127,7 +128,7 @@ class PromptStore:
 
         def check(oracle: Oracle, header: PromptHeader) -> None:
             oracle.adopt_vocabulary(header.source.get("vocabulary"))
-            bind_labels(oracle, header)
+            bind_prompt_labels(oracle, header)
             info = oracle.info
             check_compatible(header, info.input_size, info.num_classes, info.fingerprint,
                              allow_unverified=self.allow_unverified, oracle=oracle)
