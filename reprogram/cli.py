@@ -87,14 +87,15 @@ def build_parser() -> argparse.ArgumentParser:
                         "input-dependent prompt from a frozen encoder (--coordinator-encoder); "
                         "vpt-shallow / vpt-deep: VPT's prompt tokens in the first / every layer "
                         "of a local ViT (--tokens N; white-box); coop / coop-csc: CoOp's "
-                        "context vectors, shared / one set per class, in a local "
-                        "vision-language model's text prompt (--tokens M; white-box); "
+                        "context vectors, shared / one set per class, in a "
+                        "vision-language model's text prompt (--tokens M; white-box on a local "
+                        "model, CMA-ES as BPT-VLM over an endpoint with a context input); "
                         "pad: deprecated alias "
                         "of expand, removed in the next release (default: expand for autograd, "
                         "full for rgf/spsa)")
     f.add_argument("--tokens", type=int, default=None, metavar="N",
                    help="vpt-shallow / vpt-deep: prompt tokens per layer (default 10); coop /"
-                        " coop-csc: context vectors M (default 16)")
+                        " coop-csc: context vectors M (default 16; 8 over an endpoint)")
     f.add_argument("--coordinator-encoder", default=None, metavar="MODEL",
                    help="coordinator: the frozen local model whose features drive the "
                         "prompt: 'default' (the zoo's, the default) or a model folder, config "
@@ -204,11 +205,6 @@ def make_oracle(args: argparse.Namespace, budget: int | None = None) -> Any:
             from reprogram.oracles import TOKENS_NEED_WEIGHTS
 
             raise ConfigError(TOKENS_NEED_WEIGHTS)
-        from reprogram.context import CONTEXT_KINDS, CONTEXT_NEEDS_WEIGHTS
-
-        if getattr(args, "program", None) in CONTEXT_KINDS:
-
-            raise ConfigError(CONTEXT_NEEDS_WEIGHTS)
         retry = SERVE_RETRY if args.command == "serve" else None
         return http_oracle(args, budget=budget, retry=retry)
     from reprogram.oracles import LocalOracle

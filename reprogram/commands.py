@@ -20,6 +20,7 @@ from reprogram.config import FitConfig, recommended_config
 from reprogram.context import CONTEXT_KINDS
 from reprogram.data import TargetDataset, load_dataset
 from reprogram.defaults import (
+    CONTEXT_BLACK_BOX,
     CONTEXT_PROGRAM,
     LABEL_VOTES,
     TOKEN_PROGRAM,
@@ -93,17 +94,22 @@ def fit_config_from_args(args: argparse.Namespace, differentiable: bool = True,
     # the budget as given picks the estimator, so a capped test run fits what a user's would
     black_box = ((bool(args.endpoint) and not getattr(args, "on_server", False))
                  or not differentiable)
-    estimator = options.pop("estimator") or _default_estimator(
-        dict(options, budget=args.budget), black_box, output)
+    context = options["program"] in CONTEXT_KINDS
+    estimator = options.pop("estimator") or ("cma" if context and black_box else None) or (
+        _default_estimator(dict(options, budget=args.budget), black_box, output))
     if output == "label":
         options.update({k: v for k, v in LABEL_VOTES.items() if options.get(k) is None})
     if options["program"] in ("vpt-shallow", "vpt-deep"):
         options.update({k: v for k, v in TOKEN_PROGRAM.items() if options.get(k) is None})
-    if options["program"] in CONTEXT_KINDS:
-        options.update({k: v for k, v in CONTEXT_PROGRAM.items() if options.get(k) is None})
+    if context:
+        table = (CONTEXT_PROGRAM if estimator == "autograd" else CONTEXT_BLACK_BOX
+                 if estimator == "cma" else {k: CONTEXT_BLACK_BOX[k] for k in _CONTEXT_SHAPE})
+        options.update({k: v for k, v in table.items() if options.get(k) is None})
     return recommended_config(estimator, **options)
 
 
+# what a black-box context fit with another estimator than CMA-ES keeps of BPT-VLM's defaults
+_CONTEXT_SHAPE = ("labelmap", "tokens", "batch_size")
 # options that only RGF reads: given without --estimator, they ask for RGF
 _RGF_OPTIONS = ("q", "mu", "antithetic")
 

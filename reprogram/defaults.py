@@ -61,6 +61,11 @@ TOKEN_PROGRAM: dict[str, Any] = {"labelmap": "head", "tokens": 10}
 # model's classes are the target's. Not modelled: its one-epoch warm-up at a constant 1e-5.
 CONTEXT_PROGRAM: dict[str, Any] = {"labelmap": "first", "tokens": 16, "optimizer": "sgd",
                                    "lr": 0.002, "momentum": 0.9, "batch_size": 32}
+# context vectors learned through an API (a server's `context` input): BPT-VLM's text half,
+# CMA-ES with population 30 on 8 vectors, each entry spread by the token embeddings' std
+# (shapes-clip's 0.86); the preset `bpt-vlm` names the line of each value
+CONTEXT_BLACK_BOX: dict[str, Any] = {"labelmap": "first", "tokens": 8, "optimizer": "cma",
+                                     "cma_sigma": 0.86, "cma_popsize": 30, "batch_size": 64}
 
 # what `reprogram fit` uses per estimator, on top of FitConfig's defaults
 RECOMMENDED: dict[str, dict[str, Any]] = {

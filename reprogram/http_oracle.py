@@ -270,6 +270,40 @@ class HttpOracle(Oracle):
         self._template = dialect.template
         self._cached = None
 
+    def context_width(self) -> int:
+        """The width of a zero-shot model's ``context`` input (``reprogram-server
+        --context-input``): CoOp's context vectors learned through the API."""
+        width = self._described.context_width if self.zero_shot else None
+        if not width:
+            from reprogram.context import CONTEXT_NEEDS_WEIGHTS
+
+            raise ConfigError(f"model {self.model_name!r} takes no context vectors (a"
+                              " vision-language model served with --context-input does); "
+                              + CONTEXT_NEEDS_WEIGHTS)
+        return int(width)
+
+    def _query_context(self, x: torch.Tensor, contexts: torch.Tensor
+                       ) -> tuple[torch.Tensor, int]:
+        """One request per (context, chunk of at most ``max_batch`` images)."""
+        arr = (x.detach().cpu().to(torch.float32).numpy() if self.wire.kind == "fp32"
+               else to_uint8(x))
+        chunks = [arr[i : i + self.max_batch] for i in range(0, len(arr), self.max_batch)]
+        calls = [(c, ctx) for ctx in contexts.detach().cpu().to(torch.float32).numpy()
+                 for c in chunks]
+        if self.max_requests is not None and self.requests_used + len(calls) > self.max_requests:
+            raise BudgetExhausted(f"request cap {self.max_requests} would be exceeded: "
+                                  f"{self.requests_used} used, {len(calls)} more needed")
+        dialect: Any = self.dialect
+
+        def one(call: tuple[np.ndarray, np.ndarray]) -> Answer:
+            return dialect.infer(call[0], call[1])
+
+        outs = (list(self._pool.map(one, calls)) if self._pool is not None and len(calls) > 1
+                else [one(c) for c in calls])
+        scores = torch.cat([self._scores(o, len(c)) for o, (c, _) in zip(outs, calls,
+                                                                          strict=True)])
+        return scores.to(x.device), len(calls)
+
     def adopt_vocabulary(self, names: Any) -> None:
         """Give a prompt's recorded class names their slots (names APIs only)."""
         if self.vocabulary is not None and names:

@@ -23,6 +23,7 @@ from types import MappingProxyType
 from typing import Any
 
 from reprogram.config import FitConfig
+from reprogram.defaults import CONTEXT_BLACK_BOX
 from reprogram.errors import ConfigError
 
 __all__ = ["CLIP_STD", "METHOD_FIELDS", "PRESETS", "Preset", "preset_config"]
@@ -40,6 +41,7 @@ BLACKVIP = "changdaeoh/BlackVIP@e6cfc2f"
 BLACKVIP_HEAD = "changdaeoh/BlackVIP@66606fb"
 BAHNG = "hjbahng/visual_prompting"
 ILMVP = "OPTML-Group/ILM-VP"
+BPTVLM = "BruthYU/BPT-VLM"
 
 
 @dataclass(frozen=True)
@@ -275,6 +277,38 @@ def _bahng(kind: str) -> Preset:
     )
 
 
+def _bpt_vlm() -> Preset:
+    yaml = "configs/shallow_prompt.yaml"
+    return Preset(
+        "bpt-vlm",
+        "BPT-VLM's text half (Yu et al. 2023): 8 context vectors before the class name, "
+        "searched by CMA-ES (population 30) through the API's context input, loss values only",
+        _base(program="coop", estimator="cma", lr=0.05, **CONTEXT_BLACK_BOX),
+        {"program": f"{BPTVLM} model/Shallow_Prompt_CLIP.py get_text_information: prompts "
+                    "'X X ... X name.', the X embeddings replaced by the learned vectors",
+         "tokens": f"{yaml}: n_prompt_tokens_L 8",
+         "estimator": f"{BPTVLM} BBT_VL_Shallow.py --opt shallow_cma: CMA-ES (pycma)",
+         "cma_popsize": f"{yaml}: popsize 30",
+         "cma_sigma": f"{yaml}: sigma 1 on z, with the projection A ~ N(0, std_hat / "
+                      "(sqrt(d) sigma)) (Shallow_Prompt_CLIP.py __init__, std_hat the token "
+                      "embedding's std): each prompt entry moves by std_hat; here 0.86, "
+                      "the std of shapes-clip's clip.text.token.weight (0.8615)",
+         "loss": f"{yaml}: loss_type ce",
+         "labelmap": "the zero-shot head: class k is the k-th name (logits over the prompts)",
+         "batch_size": f"{yaml}: batch_size 64",
+         "optimizer": "CMA-ES sets the prompt to its mean (no gradient step)"},
+        ("BPT-VLM searches a 500-dimensional z mapped by a fixed random matrix to the 8 x 512 "
+         "prompt; shapes-clip's prompt is 8 x 64 = 512 numbers, already that small, so "
+         "CMA-ES searches it directly, with the same per-entry spread.",
+         "Its vision half (5 prompt tokens inside CLIP's image encoder) is not learned: the "
+         "API takes text context only (reprogram-server --context-input).",
+         "Each generation is scored on one mini-batch of 64, not the whole few-shot training "
+         "set, so that a budget counted in image evaluations buys more generations; the "
+         "mean's loss on the same batch is evaluated too (our CMA-ES step).",
+         "The prompt starts at CoOp's N(0, 0.02^2) draw, not exactly at zero (A z with z = 0)."),
+    )
+
+
 def _ilm_vp() -> Preset:
     return Preset(
         "ilm-vp",
@@ -302,7 +336,7 @@ def _ilm_vp() -> Preset:
 
 PRESETS: Mapping[str, Preset] = MappingProxyType({p.name: p for p in (
     _bar_code(), _bar_port(), _blackvip(), _blackvip_vp(), _elsayed(), _bahng("pad"),
-    _bahng("patch"), _ilm_vp())})
+    _bahng("patch"), _ilm_vp(), _bpt_vlm())})
 
 
 def preset_config(name: str, **run: Any) -> FitConfig:

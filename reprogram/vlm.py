@@ -78,14 +78,20 @@ class ZeroShotClassifier(nn.Module):
 
     def context_features(self, context: Tensor) -> Tensor:
         """Class features ``[K, D]`` under CoOp context vectors ``[M, W]`` or ``[K, M, W]``."""
-        m = context.shape[-2]
-        ids = tokenize([f"{n}." for n in self.class_names], context=m)
-        return self.clip.encode_text(ids, context)
+        return context_text_features(self.clip, self.class_names, context)
 
     def context_logits(self, x: Tensor, contexts: Tensor) -> Tensor:
         """Logits ``[P * N, K]`` of images ``x`` under each of P contexts ``[P, ...]``."""
         image = self.image_features(x)
         return torch.cat([self.clip.logits(image, self.context_features(c)) for c in contexts])
+
+
+def context_text_features(clip: ShapesCLIP, names: tuple[str, ...] | list[str],
+                          context: Tensor) -> Tensor:
+    """Class features ``[K, D]`` of CoOp's prompts ``[V]_1 .. [V]_M name.`` with the context
+    vectors ``[M, W]`` (unified) or ``[K, M, W]`` (class-specific) in the ``[V]`` slots."""
+    ids = tokenize([f"{n}." for n in names], context=int(context.shape[-2]))
+    return clip.encode_text(ids, context)
 
 
 def is_zero_shot(module: nn.Module) -> bool:

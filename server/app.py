@@ -185,6 +185,7 @@ def _runner(settings: Settings, model: SourceModel, name: str) -> ModelRunner:
         max_batch=min(settings.max_batch, cap or settings.max_batch),
         max_images=max_images,
         name=name,
+        context_input=settings.context_input,
     )
 
 

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Sequence
-from typing import Any, Protocol
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
@@ -23,6 +23,9 @@ from reprogram.protocol import MetadataTensor, ModelMetadata
 from reprogram.zoo.registry import SourceModel
 from server.budget import check_deadline, holding
 from server.settings import OutputKind
+
+if TYPE_CHECKING:
+    from server.zero_shot import ZeroShotQuery
 
 logger = logging.getLogger(__name__)
 
@@ -191,6 +194,7 @@ class ModelRunner:
         max_batch: int = 256,
         max_images: int = 4096,
         name: str | None = None,
+        context_input: bool = False,
     ) -> None:
         self._model = model
         self._output = output
@@ -200,7 +204,8 @@ class ModelRunner:
         self._lock = threading.Lock()
         from server.zero_shot import scorer_of
 
-        self._scorer = scorer_of(model.module)  # a vision-language model's candidate labels
+        # a vision-language model's candidate labels (and context vectors, when allowed)
+        self._scorer = scorer_of(model.module, context_input=context_input)
         k = len(model.meta.class_names)
         if output.k is not None and output.k > k:
             logger.warning("output topk:%d exceeds the %d classes; revealing all", output.k, k)
@@ -244,12 +249,17 @@ class ModelRunner:
         :mod:`server.zero_shot`)."""
         return self._scorer is not None
 
-    def infer_labels(self, images: np.ndarray, labels: tuple[str, ...],
-                     template: str | None = None) -> np.ndarray:
-        """:meth:`infer` over the candidate ``labels`` (a zero-shot model only)."""
+    @property
+    def context_width(self) -> int:
+        """The width of the ``context`` input's vectors; 0 when the model takes none."""
+        return self._scorer.context_width if self._scorer is not None else 0
+
+    def infer_labels(self, images: np.ndarray, query: ZeroShotQuery) -> np.ndarray:
+        """:meth:`infer` over a query's candidate labels (a zero-shot model only)."""
         assert self._scorer is not None
         scorer = self._scorer
-        features = scorer.text_features(labels, template)
+        check_images(images, self.input_size, self._max_images)
+        features = scorer.features(query)
         return self._run(images, lambda chunk: scorer.logits(chunk, features))
 
     def _run(self, images: np.ndarray, forward: Any) -> np.ndarray:
@@ -384,25 +394,3 @@ class Registry:
             return False
         return True
 
-
-def top_entries(
-    scores: np.ndarray, k: int, class_names: Sequence[str], output: OutputKind
-) -> list[list[dict[str, Any]]]:
-    """Per image, the best ``k`` classes as ``{"label", "index", "score"}`` (``/v1`` shape).
-
-    Label-only servers give one entry with ``score`` None; ``topk:K`` servers never list more
-    than ``K`` entries; ``logits`` servers report logits as scores.
-    """
-    if output.kind == "label":
-        return [
-            [{"label": class_names[int(i)], "index": int(i), "score": None}] for i in scores
-        ]
-    k = min(k, scores.shape[1], output.k or scores.shape[1])
-    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
-    return [
-        [
-            {"label": class_names[int(j)], "index": int(j), "score": float(row_scores[j])}
-            for j in row
-        ]
-        for row, row_scores in zip(order, scores, strict=True)
-    ]

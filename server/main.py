@@ -55,6 +55,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--output", default=str(d.output), help="what to reveal: probs|logits|topk:K|label"
     )
     p.add_argument("--max-batch", type=int, default=d.max_batch, help="images per forward pass")
+    p.add_argument("--context-input", action="store_true",
+                   help="a vision-language model also takes prompt vectors (input 'context',"
+                        " FP32 [M, W]) in place of the template, as BPT-VLM assumes; off by"
+                        " default")
     p.add_argument(
         "--max-images", type=int, default=d.max_images_per_request, help="images per request"
     )
@@ -144,6 +148,7 @@ def parse_settings(argv: Sequence[str] | None = None) -> Settings:
         output=OutputKind.parse(args.output),
         max_batch=args.max_batch,
         max_images_per_request=args.max_images,
+        context_input=args.context_input,
         max_body_bytes=args.max_body_bytes,
         max_image_pixels=args.max_image_pixels,
         prompts_dir=(args.prompts_dir if args.prompts_dir is not None

@@ -23,11 +23,11 @@ from reprogram.errors import ProtocolError
 from server.admission import admission_for
 from server.gate import caller_of
 from server.hosted import PROBS, PromptServable
-from server.inference import TooLarge, top_entries
+from server.inference import TooLarge
 from server.limits import PixelBudget, content_length
 from server.openapi import errors
 from server.prompt_store import PromptStore
-from server.routes_v1 import decode_image
+from server.routes_v1 import decode_image, top_entries
 
 router = APIRouter(prefix="/v1/prompts", tags=["prompts"])
 

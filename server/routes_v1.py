@@ -12,7 +12,8 @@ to the caller's rate limit and quota (:mod:`server.admission`).
 from __future__ import annotations
 
 import io
-from typing import Any
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from fastapi import APIRouter, Query, Request
@@ -24,9 +25,13 @@ from reprogram.errors import ProtocolError
 from reprogram.zoo.modelconfig import resize_image
 from server.admission import admission_for, lookup
 from server.budget import check_deadline
-from server.inference import Registry, Servable, TooLarge, UnsupportedMedia, top_entries
+from server.inference import Registry, Servable, TooLarge, UnsupportedMedia
 from server.limits import PixelBudget
 from server.openapi import errors
+from server.settings import OutputKind
+
+if TYPE_CHECKING:
+    from server.zero_shot import ZeroShotQuery
 
 router = APIRouter(prefix="/v1", tags=["v1"])
 
@@ -95,7 +100,7 @@ async def predict(
 
     async with request.form(max_files=servable.max_images,
                             max_fields=servable.max_images + MAX_LABELS + 1) as form:
-        labels, template = _form_labels(servable, form)
+        query = _form_labels(servable, form)
         uploads = form.getlist(FIELD)
         if not uploads:
             raise ProtocolError(
@@ -108,42 +113,47 @@ async def predict(
             files.append((item.filename or "", await item.read()))
     return await run_in_threadpool(
         admission.run, len(files), _predict, servable, files, top_k, settings.max_image_pixels,
-        PixelBudget(settings.max_request_pixels), labels, template
+        PixelBudget(settings.max_request_pixels), query
     )
 
 
-def _form_labels(servable: Servable, form: Any) -> tuple[tuple[str, ...] | None, str | None]:
+def _form_labels(servable: Servable, form: Any) -> ZeroShotQuery | None:
     """A zero-shot model's candidate ``labels`` (repeated text fields) and ``template``."""
-    from server.zero_shot import LABELS, check_request_labels, parse_template, serves_labels
+    from server.zero_shot import (
+        LABELS,
+        ZeroShotQuery,
+        check_request_labels,
+        parse_template,
+        serves_labels,
+    )
 
     values = form.getlist(LABELS)
     template = form.get("template")
     if not values:
         if template is not None:
             raise ProtocolError(f"expected {LABELS!r} fields with the 'template' field")
-        return None, None
+        return None
     if not serves_labels(servable):
         raise ProtocolError(f"expected no {LABELS!r}: model {servable.name!r} classifies among"
                             " its own classes (only a zero-shot model takes candidate labels)")
     if not all(isinstance(v, str) for v in values) or not (template is None
                                                           or isinstance(template, str)):
         raise ProtocolError(f"expected text values in {LABELS!r} and 'template', got a file")
-    return check_request_labels(values), parse_template({"template": template})
+    return ZeroShotQuery(check_request_labels(values), parse_template({"template": template}))
 
 
 def _predict(
     servable: Servable, files: list[tuple[str, bytes]], top_k: int, max_pixels: int,
-    budget: PixelBudget | None = None, labels: tuple[str, ...] | None = None,
-    template: str | None = None,
+    budget: PixelBudget | None = None, query: ZeroShotQuery | None = None,
 ) -> dict[str, Any]:
     policy = getattr(servable, "resize_policy", ("stretch", None))  # source models have one
     batch = np.stack([decode_image(data, name, servable.input_size, max_pixels, policy, budget)
                       for name, data in files])
-    if labels is None:
+    if query is None:
         scores, names = servable.infer(batch), servable.class_names
     else:
-        scores = servable.infer_labels(batch, labels, template)  # type: ignore[attr-defined]
-        names = labels
+        scores = servable.infer_labels(batch, query)  # type: ignore[attr-defined]
+        names = query.labels
     tops = top_entries(scores, top_k, names, servable.output)
     return {
         "model": servable.name,
@@ -200,3 +210,26 @@ def _broken(label: str, exc: Exception) -> ProtocolError:
         f"expected a decodable PNG or JPEG image in {label}, got a broken or truncated file"
         f" ({type(exc).__name__}: {exc})"
     )
+
+
+def top_entries(
+    scores: np.ndarray, k: int, class_names: Sequence[str], output: OutputKind
+) -> list[list[dict[str, Any]]]:
+    """Per image, the best ``k`` classes as ``{"label", "index", "score"}`` (``/v1`` shape).
+
+    Label-only servers give one entry with ``score`` None; ``topk:K`` servers never list more
+    than ``K`` entries; ``logits`` servers report logits as scores.
+    """
+    if output.kind == "label":
+        return [
+            [{"label": class_names[int(i)], "index": int(i), "score": None}] for i in scores
+        ]
+    k = min(k, scores.shape[1], output.k or scores.shape[1])
+    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    return [
+        [
+            {"label": class_names[int(j)], "index": int(j), "score": float(row_scores[j])}
+            for j in row
+        ]
+        for row, row_scores in zip(order, scores, strict=True)
+    ]

@@ -253,7 +253,10 @@ def run_infer(servable: Servable, body: bytes, headers: dict[str, str],
     check_json_structure(body if head_length is None else body[:head_length],
                          max_depth=caps.max_json_depth, max_elements=caps.max_json_elements)
     req, tensors = protocol.decode_request(body, headers)
-    labels, template = _labels(servable, tensors, req.parameters)
+    from server.zero_shot import parse_query
+
+    query = parse_query(servable, tensors, req.parameters, INPUT_NAME)
+    labels = query.labels if query is not None else None
     requested = _requested_outputs(req, servable)
     images = tensors[INPUT_NAME]
     n = int(images.shape[0]) if images.ndim else 1
@@ -267,10 +270,8 @@ def run_infer(servable: Servable, body: bytes, headers: dict[str, str],
     times = [t0, time.perf_counter()]
 
     def answer() -> tuple[bytes, dict[str, str]]:  # all of it charged, or refunded together
-        if labels is None:
-            scores = servable.infer(images)
-        else:
-            scores = servable.infer_labels(images, labels, template)  # type: ignore[attr-defined]
+        scores = (servable.infer(images) if query is None
+                  else servable.infer_labels(images, query))  # type: ignore[attr-defined]
         times.append(time.perf_counter())
         check_deadline("after inference")
         outputs = [_output_tensor(servable, scores, name, binary, k, labels)
@@ -294,25 +295,6 @@ def run_infer(servable: Servable, body: bytes, headers: dict[str, str],
         out_headers["Server-Timing"] = ", ".join(f"{name};dur={(end - start) * 1e3:.3f}"
                                                  for name, start, end in stages)
     return content, out_headers
-
-
-def _labels(servable: Servable, tensors: dict[str, np.ndarray],
-            params: dict[str, Any] | None) -> tuple[tuple[str, ...] | None, str | None]:
-    """The request's candidate labels and template (a zero-shot model's ``labels`` input),
-    or ``(None, None)``; 400 for inputs the model does not take."""
-    from server.zero_shot import LABELS, parse_labels, parse_template, serves_labels
-
-    allowed = [INPUT_NAME, LABELS] if serves_labels(servable) else [INPUT_NAME]
-    names = list(tensors)
-    if INPUT_NAME not in names or any(n not in allowed for n in names):
-        takes = f"{INPUT_NAME!r} and optionally {LABELS!r}" if len(allowed) > 1 else (
-            f"one input named {INPUT_NAME!r}")
-        raise ProtocolError(f"expected {takes}, got {names}")
-    if LABELS not in tensors:
-        if (params or {}).get("template") is not None:
-            raise ProtocolError(f"expected a {LABELS!r} input with the 'template' parameter")
-        return None, None
-    return parse_labels(tensors[LABELS]), parse_template(params)
 
 
 def _answer_floor(servable: Servable, n: int, requested: list[tuple[str, bool, int]]) -> int:

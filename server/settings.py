@@ -166,6 +166,8 @@ class Settings:
     ``model``: ``default``, ``torchvision:ARCH`` (with ``weights``) or the path of a model
     folder, config or file (see :mod:`reprogram.zoo.loaders`); ``model_repository``: a folder
     of models instead (one sub-folder each, Triton's layout), all of them served.
+    ``context_input``: a vision-language model also takes CoOp context vectors (the optional
+    ``context`` input of :mod:`server.zero_shot`), off by default.
 
     ``prompts_dir``: where uploaded prompts are stored and loaded from at startup (``None``:
     in memory only, lost on restart); ``max_prompt_bytes``: the upload cap for a prompt file.
@@ -198,6 +200,7 @@ class Settings:
     output: OutputKind = field(default_factory=OutputKind)
     max_batch: int = 256
     max_images_per_request: int = 4096
+    context_input: bool = False
     max_body_bytes: int = 64 * 1024 * 1024
     max_image_pixels: int = 4096 * 4096
     prompts_dir: str | None = None

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from reprogram.config import FitConfig
+from reprogram.context import CONTEXT_KINDS
 from reprogram.data import load_dataset
 from reprogram.errors import ConfigError
 from reprogram.fit import Fitter
@@ -63,6 +64,9 @@ PINNED = {
                "lr": 0.01,
                "schedule": {"kind": "multistep", "milestones": (0.5, 0.72), "gamma": 0.1},
                "batch_size": 128},
+    "bpt-vlm": {"program": "coop", "tokens": 8, "estimator": "cma", "cma_sigma": 0.86,
+                "cma_popsize": 30, "optimizer": "cma", "labelmap": "first", "batch_size": 64,
+                "loss": {"kind": "ce", "gamma": 2.0, "alpha": 0.8}},
 }
 
 
@@ -117,18 +121,24 @@ def test_a_preset_must_spell_out_every_field() -> None:
 
 @pytest.mark.parametrize("name", sorted(PINNED))
 def test_every_preset_sets_up_a_fit_on_the_default_model(name: str) -> None:
-    # the default model has 10 classes: BAR's 6 sources per target do not fit, 1 does
+    # the default model has 10 classes: BAR's 6 sources per target do not fit, 1 does;
+    # context vectors need a vision-language model, whose classes are the target's
     run = {"sources_per_target": 1} if name == "bar-code" else {}
     cfg = preset_config(name, budget=200_000, seed=0, **run)
-    oracle = LocalOracle(load_model(), output="probs", wire="uint8")
-    fitter = Fitter(cfg, oracle, load_dataset("digits", seed=0))
+    model = load_model("shapes-clip" if cfg.program in CONTEXT_KINDS else "default")
+    oracle = LocalOracle(model, output="probs", wire="uint8")
+    data = load_dataset("digits", seed=0)
+    if oracle.zero_shot:
+        oracle.use_labels(tuple(data.class_names))
+    fitter = Fitter(cfg, oracle, data)
     spec = fitter.model.program.spec
     if PINNED[name].get("inner_size") == "native":
         assert spec.inner_size == 8  # digits are 8x8
     if "patch_ratio" in PINNED[name]:
         assert spec.patch_size == round(32 * 30 / 224)
     per_step = fitter.estimator.queries_per_step
-    expected = {"rgf": cfg.q + 1, "spsa": 2 * cfg.spsa_draws, "autograd": 1}[cfg.estimator]
+    expected = {"rgf": cfg.q + 1, "spsa": 2 * cfg.spsa_draws, "autograd": 1,
+                "cma": cfg.cma_popsize + 1}[cfg.estimator]
     assert per_step == expected
 
 

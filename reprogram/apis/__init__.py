@@ -95,6 +95,8 @@ class Described:
     # a zero-shot model's optional candidate-labels input (BYTES [K]) and its default template
     labels_input: str | None = None
     template: str | None = None
+    # the width W of its optional CoOp context input (FP32 [M, W]); None: it takes none
+    context_width: int | None = None
 
 
 TIMING_KEYS = ("encode", "http", "decode", "server_decode", "server_forward", "server_encode")

@@ -119,6 +119,10 @@ class V2(Dialect):
                              == "BYTES" and t.get("name") == "labels"), None)
         raw_zs = params.get("zero_shot")
         zero_shot: dict[str, Any] = raw_zs if isinstance(raw_zs, dict) else {}
+        context = next((t for t in (meta.get("inputs") or [])[1:] if isinstance(t, dict)
+                        and t.get("name") == "context" and str(t.get("datatype", "")).upper()
+                        == "FP32"), None)
+        width = (context.get("shape") or [None])[-1] if labels_input and context else None
         identity = {"name": str(meta.get("name", self.model)),
                     "versions": meta.get("versions"), "platform": meta.get("platform") or None,
                     "weights_sha256": params.get("weights_sha256"),
@@ -131,7 +135,8 @@ class V2(Dialect):
             num_classes=int(k) if isinstance(k, int) and k > 0 else None,
             output_kind=str(kind) if kind else None, max_batch=int(cap) if cap else None,
             accepts=frozenset(accepts), identity=identity, labels_input=labels_input,
-            template=str(zero_shot["template"]) if zero_shot.get("template") else None)
+            template=str(zero_shot["template"]) if zero_shot.get("template") else None,
+            context_width=int(width) if isinstance(width, int) and width > 0 else None)
 
     def _choose_format(self) -> None:
         """Binary or JSON from the extensions ``GET /v2`` lists; undecided when it lists none."""
@@ -153,18 +158,20 @@ class V2(Dialect):
         return f"v2 ({how} tensors{'' if self._settled else ', JSON if binary fails'})"
 
     # ---------------------------------------------------------------- inference
-    def infer(self, images: np.ndarray) -> np.ndarray:
+    def infer(self, images: np.ndarray, context: np.ndarray | None = None) -> np.ndarray:
+        """One request; ``context``: a zero-shot model's CoOp context vectors (FP32
+        ``[M, W]`` or ``[K, M, W]``) sent with the labels, in the template's place."""
         if self.layout == "NHWC":
             images = np.ascontiguousarray(images.transpose(0, 2, 3, 1))
         binary = self.binary
         try:
-            return self._post(images, binary)
+            return self._post(images, binary, context)
         except (Refused, UpstreamError) as exc:
             if self._settled or not binary or not _maybe_binary(exc):
                 raise
             first = exc
         try:
-            out = self._post(images, False)
+            out = self._post(images, False, context)
         except (Refused, UpstreamError):
             raise first from None
         with self._lock:
@@ -174,7 +181,8 @@ class V2(Dialect):
                             "tensors from now on", str(first).split(": ", 1)[-1][:120])
         return out
 
-    def _post(self, images: np.ndarray, binary: bool) -> np.ndarray:
+    def _post(self, images: np.ndarray, binary: bool, context: np.ndarray | None = None
+              ) -> np.ndarray:
         t0 = time.perf_counter()
         outputs = None if self.output_name is None else [protocol.RequestedOutput(
             name=self.output_name, parameters={"binary_data": binary})]
@@ -182,7 +190,9 @@ class V2(Dialect):
         parameters: dict[str, Any] = {}
         if self.labels is not None:  # a zero-shot model: the candidate labels, every time
             inputs["labels"] = np.array(self.labels, dtype=object)
-            if self.template is not None:
+            if context is not None:
+                inputs["context"] = np.ascontiguousarray(context, dtype=np.float32)
+            elif self.template is not None:
                 parameters["template"] = self.template
         body, headers = protocol.encode_request(inputs, outputs, binary=binary,
                                                 request_id=str(next(self._ids)),
