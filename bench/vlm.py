@@ -4,10 +4,12 @@
 model has read; ``digits``: names it has never read) and seed: zero-shot classification with
 the hand-written template (no fit), CoOp's context vectors (unified and class-specific, M = 4
 and 16, CoOp's optimizer, white-box), Bahng et al.'s padding prompt (white-box, its preset),
-and black-box pixel prompts through a real ``reprogram-server --model shapes-clip``'s
-zero-shot API (the target's class names as labels, no label map): our defaults and BlackVIP's
-SPSA-GC on Bahng's prompt, at each budget. Every row reports validation and test accuracy
-(the test split once, after selection on validation) and the image evaluations it used.
+and black-box prompts through a real ``reprogram-server --model shapes-clip --context-input``'s
+zero-shot API (the target's class names as labels, no label map): pixel prompts (our defaults,
+BlackVIP's SPSA-GC on Bahng's prompt, BlackVIP with its Coordinator) and context vectors sent
+through the ``context`` input (BPT-VLM's CMA-ES), at each budget. Every row reports
+validation and test accuracy (the test split once, after selection on validation) and the
+image evaluations it used.
 Finished rows are kept in ``OUT.jsonl`` and reused with ``--resume``.
 """
 
@@ -46,7 +48,9 @@ EPOCHS = {"bahng-pad": 1000}
 # validation stayed at zero-shot's 0.817 with the default lr 0.05 (every step lowered it),
 # reached 0.844 with 0.01 and 0.833 with 0.002; chosen on validation, as every default
 BLACK_BOX = {"ours": {"estimator": "rgf", "lr": 0.01},
-             "blackvip-vp": dict(PRESETS["blackvip-vp"].values)}
+             "blackvip-vp": dict(PRESETS["blackvip-vp"].values),
+             "blackvip": dict(PRESETS["blackvip"].values),
+             "bpt-vlm": dict(PRESETS["bpt-vlm"].values)}
 
 
 def zero_shot_row(task: str, seed: int) -> dict[str, Any]:
@@ -123,7 +127,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             done[_key(row)] = row
     jobs = [j for j in _jobs(args) if _key(j) not in done]
     print(f"{len(done)} rows kept, {len(jobs)} to run", flush=True)
-    with server_process(["--model", MODEL, "--max-batch", "512"]) as url:
+    with server_process(["--model", MODEL, "--max-batch", "512", "--context-input"]) as url:
         for job in jobs:
             t0 = time.perf_counter()
             if job["method"] == "zero-shot":

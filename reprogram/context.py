@@ -5,8 +5,9 @@ vectors in the text encoder's token-embedding space, one set shared by every cla
 (*unified*, ``coop``: ``[M, W]``) or one per class (*class-specific*, ``coop-csc``:
 ``[K, M, W]``), the class name at the end; the class logits are the scaled cosines of the
 image's feature with each prompt's text feature, and only the context vectors learn.
-:class:`ContextSpec` is their geometry as artifacts record it; a white-box method (the
-vectors enter the text encoder), run on a local model through
+:class:`ContextSpec` is their geometry as artifacts record it. CoOp learns them white-box on a
+local model; BPT-VLM's text half (preset ``bpt-vlm``) searches them with CMA-ES through a
+server's ``context`` input (:mod:`server.zero_shot`); both query through
 :meth:`reprogram.oracles.Oracle.query_context`.
 """
 
@@ -26,9 +27,10 @@ CONTEXT_KINDS = ("coop", "coop-csc")
 # nn.init.normal_(ctx_vectors, std=0.02)
 INIT_STD = 0.02
 CONTEXT_NEEDS_WEIGHTS = (
-    "CoOp's context vectors enter the text encoder, so they need the model's weights: fit "
-    "them on a local vision-language model (--model shapes-clip); over an endpoint, learn a "
-    "pixel prompt against its zero-shot API instead (--program full, or add-pad)")
+    "CoOp's context vectors enter the text encoder: fit them on a local vision-language model "
+    "(--model shapes-clip), or through an endpoint whose zero-shot model takes a 'context' "
+    "input (reprogram-server --context-input); otherwise learn a pixel prompt against its "
+    "zero-shot API (--program full, or add-pad)")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -277,8 +277,7 @@ class HttpOracle(Oracle):
         if not width:
             from reprogram.context import CONTEXT_NEEDS_WEIGHTS
 
-            raise ConfigError(f"model {self.model_name!r} takes no context vectors (a"
-                              " vision-language model served with --context-input does); "
+            raise ConfigError(f"model {self.model_name!r} takes no context vectors; "
                               + CONTEXT_NEEDS_WEIGHTS)
         return int(width)
 

@@ -103,8 +103,11 @@ def _archive(store: Path, work: Path, archiver: Path) -> None:
 
 
 @contextmanager
-def torchserve_server() -> Iterator[str]:
-    """TorchServe serving the default model (stock image classifier); yields its base URL."""
+def torchserve_server(batch_size: int = 1, max_batch_delay_ms: int = 10) -> Iterator[str]:
+    """TorchServe serving the default model (stock image classifier); yields its base URL.
+    ``batch_size`` > 1 turns on TorchServe's server-side batching of the ``default`` model:
+    up to that many concurrent requests, waiting at most ``max_batch_delay_ms``, in one
+    forward pass."""
     bin_dir = require(VENVS / "torchserve" / "bin", "TorchServe (package torchserve)")
     require(bin_dir / "torchserve", "TorchServe (package torchserve)")
     if shutil.which("java") is None:
@@ -125,7 +128,7 @@ def torchserve_server() -> Iterator[str]:
             f"metrics_address=http://127.0.0.1:{metrics}\n"
             f"grpc_inference_port={free_port()}\ngrpc_management_port={free_port()}\n"
             "default_workers_per_model=1\ndisable_token_authorization=true\n"
-            "install_py_dep_per_model=false\n")
+            "install_py_dep_per_model=false\n" + _batching(batch_size, max_batch_delay_ms))
         env = _env()
         env["PATH"] = f"{bin_dir}{os.pathsep}{env.get('PATH', '')}"
         env["LOG_LOCATION"] = env["METRICS_LOCATION"] = str(work / "logs")
@@ -145,6 +148,17 @@ def torchserve_server() -> Iterator[str]:
                 yield url
             finally:
                 stop_process_group(proc)
+
+
+def _batching(batch_size: int, delay_ms: int) -> str:
+    """The ``models`` property that gives the ``default`` model a batch size (TorchServe's
+    docs/batch_inference_with_ts.md, "config.properties")."""
+    if batch_size <= 1:
+        return ""
+    version = {"defaultVersion": True, "marName": "default", "minWorkers": 1,
+               "maxWorkers": 1, "batchSize": batch_size, "maxBatchDelay": delay_ms,
+               "responseTimeout": 120}
+    return "models=" + json.dumps({"default": {"1.0": version}}) + "\n"
 
 
 def _wait_model(url: str, proc: subprocess.Popen[bytes], log: Path) -> None:
@@ -176,3 +190,33 @@ def two_digits(root: Path) -> Path:
         if int(label) in (0, 1):
             Image.fromarray(image[0].numpy()).save(root / str(int(label)) / f"{i}.png")
     return root
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python tests/foreign_support.py torchserve|kserve [--batch-size N]``: start one of
+    the servers as the tests do, print its base URL, and serve until SIGINT or SIGTERM (the
+    300k figures against third-party servers in the README were fitted against these)."""
+    import argparse
+    import signal
+    import threading
+
+    p = argparse.ArgumentParser(prog="python tests/foreign_support.py")
+    p.add_argument("server", choices=("torchserve", "kserve"))
+    p.add_argument("--batch-size", type=int, default=1, help="TorchServe's server-side batch")
+    p.add_argument("--max-batch-delay-ms", type=int, default=10)
+    args = p.parse_args(argv)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    started = (torchserve_server(args.batch_size, args.max_batch_delay_ms)
+               if args.server == "torchserve" else kserve_server())
+    with started as url:
+        print(url, flush=True)
+        stop.wait()
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())

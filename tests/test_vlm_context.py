@@ -8,6 +8,7 @@ off unless asked for, and ``reprogram fit --endpoint ... --program coop`` learns
 
 from __future__ import annotations
 
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,11 +17,12 @@ import httpx
 import numpy as np
 import pytest
 import torch
-from prompt_support import ServerProcess, model_server, run_cli
+from prompt_support import ServerProcess, cli_command, model_server, run_cli
 
 from reprogram import protocol
 from reprogram.artifact import load_prompt
 from reprogram.data import load_dataset
+from reprogram.errors import ConfigError
 from reprogram.http_oracle import HttpOracle
 from reprogram.oracles import LocalOracle
 from reprogram.zoo.registry import load_model
@@ -124,8 +126,15 @@ def test_the_context_input_is_off_by_default(tmp_path: Path) -> None:
         meta = httpx.get(url + "/v2/models/shapes-clip", timeout=30).json()
         assert [t["name"] for t in meta["inputs"]] == ["image", "labels"]
         assert "context" not in meta["parameters"]["zero_shot"]
-        with HttpOracle(url) as oracle, pytest.raises(Exception, match="--context-input"):
+        with HttpOracle(url) as oracle, pytest.raises(ConfigError, match="--context-input"):
             oracle.context_width()
+        refused = subprocess.run([*cli_command(), "fit", "--endpoint", url, "--data", "colours",
+                                  "--program", "coop", "--budget", "2000", "--out",
+                                  str(tmp_path / "p.safetensors")], capture_output=True,
+                                 text=True, timeout=120, check=False)
+        assert refused.returncode != 0 and "--context-input" in refused.stderr
+        assert len(refused.stderr.strip().splitlines()) == 1
+        assert not (tmp_path / "p.safetensors").exists()
     finally:
         server.stop()
 
