@@ -11,6 +11,10 @@ through the ``context`` input (BPT-VLM's CMA-ES), at each budget. Every row repo
 validation and test accuracy (the test split once, after selection on validation) and the
 image evaluations it used.
 Finished rows are kept in ``OUT.jsonl`` and reused with ``--resume``.
+
+``--variants FILE`` adds black-box rows, one ``name={json fit fields}`` per line (the sweep of
+pixel prompts on colours in ``bench/sweeps/vlm-pixel.txt``); ``--local`` runs the black-box
+rows on the local model instead of over HTTP (the same answers, without the transport).
 """
 
 from __future__ import annotations
@@ -109,13 +113,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--tasks", nargs="+", default=["colours", "digits"])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--white-box", nargs="*", default=list(WHITE_BOX), choices=list(WHITE_BOX))
-    p.add_argument("--black-box", nargs="*", default=list(BLACK_BOX), choices=list(BLACK_BOX))
+    p.add_argument("--variants", type=Path, default=None, metavar="FILE",
+                   help="more black-box rows: name={json fields} per line")
+    p.add_argument("--local", action="store_true",
+                   help="black-box rows on the local model, not over HTTP")
+    p.add_argument("--black-box", nargs="*", default=None,
+                   help=f"black-box rows (default {' '.join(BLACK_BOX)}; with --variants, the"
+                        " variants)")
     p.add_argument("--budgets", type=int, nargs="+", default=[30_000, 100_000, 300_000])
     p.add_argument("--epochs", type=int, default=50, help="white-box rows: epochs")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path("bench/results/vlm-cpu"))
     p.add_argument("--resume", action="store_true")
     args = p.parse_args(argv)
+    black_box = dict(BLACK_BOX)
+    if args.variants is not None:
+        variants = _variants(args.variants)
+        black_box.update(variants)
+        args.black_box = list(variants) if args.black_box is None else args.black_box
+    args.black_box = list(BLACK_BOX) if args.black_box is None else args.black_box
+    unknown = sorted(set(args.black_box) - set(black_box))
+    if unknown:
+        p.error(f"unknown black-box rows {unknown}; expected some of {sorted(black_box)}")
     if args.threads:
         torch.set_num_threads(args.threads)
     stream = args.out.with_suffix(".jsonl")
@@ -137,9 +156,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                               LocalOracle(load_model(MODEL)), None,
                               EPOCHS.get(job["method"], args.epochs))
             else:
-                with HttpOracle(url) as oracle:
-                    row = fit_row(BLACK_BOX[job["method"]], job["task"], job["seed"], oracle,
+                oracle = LocalOracle(load_model(MODEL)) if args.local else HttpOracle(url)
+                try:
+                    row = fit_row(black_box[job["method"]], job["task"], job["seed"], oracle,
                                   job["budget"], None)
+                finally:
+                    if isinstance(oracle, HttpOracle):
+                        oracle.close()
             row = {**job, **row, "seconds": round(time.perf_counter() - t0, 1)}
             done[_key(row)] = row
             with stream.open("a") as f:
@@ -151,6 +174,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.out.with_suffix(".json").write_text(json.dumps(rows, indent=1) + "\n")
     print(report(rows))
     return 0
+
+
+def _variants(path: Path) -> dict[str, dict[str, Any]]:
+    out = {}
+    for line in path.read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, _, fields = line.partition("=")
+            out[name.strip()] = json.loads(fields)
+    return out
 
 
 def report(rows: list[dict[str, Any]]) -> str:
