@@ -273,3 +273,49 @@ def from_raw(raw: bytes | memoryview, shape: Sequence[int], datatype: str, name:
             f" {list(shape)}, got {len(raw)}"
         )
     return np.frombuffer(raw, dtype=dtype).reshape(tuple(shape)).copy()
+
+
+# ----------------------------------------------------------------------------------------------
+# classification extension
+
+
+def encode_classification(
+    scores: np.ndarray, k: int, class_names: Sequence[str] | None = None
+) -> np.ndarray:
+    """Top-``k`` of each row of ``scores [N, K]`` as Triton's ``"score:index:label"`` strings.
+
+    Returns an object array of ``bytes`` of shape ``[N, min(k, K)]``, best first (ties by
+    lower index). Scores are printed as the shortest decimal that round-trips in float32.
+    """
+    if scores.ndim != 2:
+        raise ProtocolError(f"expected scores of rank 2 for classification, got {scores.shape}")
+    k = min(k, scores.shape[1])
+    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    out = np.empty((scores.shape[0], k), dtype=object)
+    for i, row in enumerate(order):
+        for j, idx in enumerate(row):
+            text = f"{np.float32(scores[i, idx])!s}:{int(idx)}"
+            if class_names is not None:
+                text += f":{class_names[int(idx)]}"
+            out[i, j] = text.encode("utf-8")
+    return out
+
+
+def decode_classification(array: np.ndarray) -> list[list[tuple[float, int, str | None]]]:
+    """Parse a classification output (``[N, k]`` strings) into ``(score, index, label)``."""
+    rows = array.reshape(array.shape[0], -1) if array.ndim else array.reshape(1, -1)
+    result = []
+    for row in rows:
+        parsed = []
+        for item in row:
+            text = item.decode("utf-8") if isinstance(item, bytes) else str(item)
+            parts = text.split(":", 2)
+            try:
+                score, index = float(parts[0]), int(parts[1])
+            except (ValueError, IndexError):
+                raise ProtocolError(
+                    f"expected 'score:index[:label]' in a classification output, got {text!r}"
+                ) from None
+            parsed.append((score, index, parts[2] if len(parts) > 2 else None))
+        result.append(parsed)
+    return result

@@ -137,8 +137,8 @@ class Fitter:
         info = oracle.info
         vit = oracle.token_adapter() if cfg.program in TOKEN_KINDS else None
         text = (oracle.context_width(), info.num_classes) if cfg.program in CONTEXT_KINDS else None
-        spec = cfg.program_spec(info.input_size, native_size=min(data.images.shape[2:]), vit=vit,
-                                text=text)
+        spec = cfg.program_spec(info.input_size, native_size=min(data.images.shape[2:]),
+                                vit=vit, text=text)
         program = build_program(spec, seed=cfg.seed)
         num_source = vit.width if vit is not None and cfg.labelmap == "head" else info.num_classes
         labelmap = build_labelmap(cfg.labelmap_spec(num_source, data.num_classes))
@@ -382,14 +382,10 @@ def fit(
         queries["surrogate_images"] = surrogate.images_used
     info = oracle.info
     prompt = Prompt.from_reprogrammer(
-        model,
-        target_classes=data.class_names,
+        model, target_classes=data.class_names,
         source=source_fingerprint or {**info.fingerprint, "name": info.name},
-        wire_dtype=info.wire_dtype,
-        output_kind=info.output_kind,
-        config=cfg.to_dict(),
-        seed=cfg.seed,
-        queries=queries,
+        wire_dtype=info.wire_dtype, output_kind=info.output_kind, config=cfg.to_dict(),
+        seed=cfg.seed, queries=queries,
         metrics={"val_accuracy": s.best_val, "test_accuracy": test_acc,
                  "best_step": s.best_step, "steps": s.step, "dataset": data.name,
                  "splits": {"train": len(fitter.train), "val": len(fitter.val),

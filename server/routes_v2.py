@@ -26,7 +26,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
 import reprogram
-from reprogram import protocol
+from reprogram import codecs, protocol
 from reprogram.errors import ProtocolError
 from reprogram.protocol import InferenceRequest, InferenceResponse, OutputTensor, RequestedOutput
 from server.admission import Admission, admission_for, lookup
@@ -352,5 +352,5 @@ def _output_tensor(
         scores, class_count = onehot, 1
     elif servable.output.k is not None:
         class_count = min(class_count, servable.output.k)
-    strings = protocol.encode_classification(scores, class_count, names)
+    strings = codecs.encode_classification(scores, class_count, names)
     return OutputTensor(name=name, array=strings, binary=binary, datatype="BYTES")

@@ -177,15 +177,15 @@ def test_bytes_tensor_framing_errors() -> None:
 
 def test_classification_strings() -> None:
     scores = np.array([[0.1, 0.7, 0.2], [0.5, 0.5, 0.0]], dtype=np.float32)
-    strings = protocol.encode_classification(scores, 2, ["a", "b:c", "d"])
+    strings = codecs.encode_classification(scores, 2, ["a", "b:c", "d"])
     assert strings.shape == (2, 2)
     assert strings[0].tolist() == [b"0.7:1:b:c", b"0.2:2:d"]
     assert strings[1].tolist() == [b"0.5:0:a", b"0.5:1:b:c"]  # ties: lower index first
-    parsed = protocol.decode_classification(strings)
+    parsed = codecs.decode_classification(strings)
     assert parsed[0][0] == (pytest.approx(0.7), 1, "b:c")
-    assert protocol.encode_classification(scores, 10).shape == (2, 3)
+    assert codecs.encode_classification(scores, 10).shape == (2, 3)
     with pytest.raises(ProtocolError, match="score:index"):
-        protocol.decode_classification(np.array([[b"nonsense"]], dtype=object))
+        codecs.decode_classification(np.array([[b"nonsense"]], dtype=object))
 
 
 def test_interop_with_tritonclient_codecs() -> None:
@@ -208,7 +208,7 @@ def test_interop_with_tritonclient_codecs() -> None:
         assert req.id == "7"
 
         probs = RNG.random((2, 3)).astype(np.float32)
-        strings = protocol.encode_classification(probs, 2, ["a", "b", "c"])
+        strings = codecs.encode_classification(probs, 2, ["a", "b", "c"])
         body, headers = protocol.encode_response(
             model_name="m",
             outputs=[OutputTensor("probs", probs, binary), OutputTensor("cls", strings, binary)],

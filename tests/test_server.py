@@ -22,7 +22,7 @@ from fastapi import FastAPI
 from ops_support import AsgiClient
 from PIL import Image
 
-from reprogram import protocol
+from reprogram import codecs, protocol
 from reprogram.protocol import RequestedOutput
 from reprogram.zoo.registry import SourceModel
 from reprogram.zoo.shapes import generate_shapes
@@ -161,7 +161,7 @@ def test_classification_output(client: Client, images: np.ndarray) -> None:
         out, _ = client.infer(x, outputs=[RequestedOutput.make("probs", binary_data=binary,
                                                                  class_count=3)])
         assert out["probs"].shape == (4, 3)
-        rows = protocol.decode_classification(out["probs"])
+        rows = codecs.decode_classification(out["probs"])
         for row, p in zip(rows, probs["probs"], strict=True):
             order = np.argsort(-p)[:3]
             assert [i for _, i, _ in row] == order.tolist()
@@ -211,7 +211,7 @@ def test_output_kinds(model: SourceModel, images: np.ndarray, kind: str) -> None
         assert meta["outputs"][0] == {"name": "label", "datatype": "INT64", "shape": [-1]}
         assert got.dtype == np.int64 and got.tolist() == probs.argmax(1).tolist()
         cls, _ = c.infer(images, outputs=[RequestedOutput.make("label", class_count=3)])
-        rows = protocol.decode_classification(cls["label"])
+        rows = codecs.decode_classification(cls["label"])
         assert [[(s, i) for s, i, _ in row] for row in rows] == [[(1.0, int(i))] for i in got]
     files = [("files", (f"{i}.png", png(im), "image/png")) for i, im in enumerate(images[:2])]
     pred = c.post("/v1/models/default/predict?top_k=4", files=files).json()
