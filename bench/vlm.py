@@ -126,12 +126,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=Path("bench/results/vlm-cpu"))
     p.add_argument("--resume", action="store_true")
     args = p.parse_args(argv)
-    black_box = dict(BLACK_BOX)
-    if args.variants is not None:
-        variants = _variants(args.variants)
-        black_box.update(variants)
-        args.black_box = list(variants) if args.black_box is None else args.black_box
-    args.black_box = list(BLACK_BOX) if args.black_box is None else args.black_box
+    variants = _variants(args.variants) if args.variants is not None else {}
+    black_box = {**BLACK_BOX, **variants}
+    if args.black_box is None:
+        args.black_box = list(variants or BLACK_BOX)
     unknown = sorted(set(args.black_box) - set(black_box))
     if unknown:
         p.error(f"unknown black-box rows {unknown}; expected some of {sorted(black_box)}")

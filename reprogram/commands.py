@@ -95,21 +95,31 @@ def fit_config_from_args(args: argparse.Namespace, differentiable: bool = True,
     black_box = ((bool(args.endpoint) and not getattr(args, "on_server", False))
                  or not differentiable)
     context = options["program"] in CONTEXT_KINDS
-    estimator = options.pop("estimator") or ("cma" if context and black_box else None) or (
-        _default_estimator(dict(options, budget=args.budget), black_box, output))
+    estimator = options.pop("estimator")
+    if estimator is None:  # context vectors through an API: CMA-ES, as BPT-VLM
+        estimator = "cma" if context and black_box else _default_estimator(
+            dict(options, budget=args.budget), black_box, output)
     if output == "label":
         options.update({k: v for k, v in LABEL_VOTES.items() if options.get(k) is None})
     if options["program"] in ("vpt-shallow", "vpt-deep"):
         options.update({k: v for k, v in TOKEN_PROGRAM.items() if options.get(k) is None})
     if context:
-        table = (CONTEXT_PROGRAM if estimator == "autograd" else CONTEXT_BLACK_BOX
-                 if estimator == "cma" else {k: CONTEXT_BLACK_BOX[k] for k in _CONTEXT_SHAPE})
-        options.update({k: v for k, v in table.items() if options.get(k) is None})
+        options.update({k: v for k, v in _context_defaults(estimator).items()
+                        if options.get(k) is None})
     return recommended_config(estimator, **options)
 
 
 # what a black-box context fit with another estimator than CMA-ES keeps of BPT-VLM's defaults
 _CONTEXT_SHAPE = ("labelmap", "tokens", "batch_size")
+
+
+def _context_defaults(estimator: str) -> dict[str, Any]:
+    """CoOp's optimizer white-box, BPT-VLM's CMA-ES black-box, else BPT-VLM's geometry."""
+    if estimator == "autograd":
+        return CONTEXT_PROGRAM
+    if estimator == "cma":
+        return CONTEXT_BLACK_BOX
+    return {k: CONTEXT_BLACK_BOX[k] for k in _CONTEXT_SHAPE}
 # options that only RGF reads: given without --estimator, they ask for RGF
 _RGF_OPTIONS = ("q", "mu", "antithetic")
 

@@ -15,7 +15,9 @@ counts as a query. The API key travels in a header and is never logged.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Self
 
@@ -284,24 +286,13 @@ class HttpOracle(Oracle):
     def _query_context(self, x: torch.Tensor, contexts: torch.Tensor
                        ) -> tuple[torch.Tensor, int]:
         """One request per (context, chunk of at most ``max_batch`` images)."""
-        arr = (x.detach().cpu().to(torch.float32).numpy() if self.wire.kind == "fp32"
-               else to_uint8(x))
-        chunks = [arr[i : i + self.max_batch] for i in range(0, len(arr), self.max_batch)]
+        chunks = self._chunks(x)
+        dialect: Any = self.dialect  # a V2 dialect: only it takes context (see context_width)
         calls = [(c, ctx) for ctx in contexts.detach().cpu().to(torch.float32).numpy()
                  for c in chunks]
-        if self.max_requests is not None and self.requests_used + len(calls) > self.max_requests:
-            raise BudgetExhausted(f"request cap {self.max_requests} would be exceeded: "
-                                  f"{self.requests_used} used, {len(calls)} more needed")
-        dialect: Any = self.dialect
-
-        def one(call: tuple[np.ndarray, np.ndarray]) -> Answer:
-            return dialect.infer(call[0], call[1])
-
-        outs = (list(self._pool.map(one, calls)) if self._pool is not None and len(calls) > 1
-                else [one(c) for c in calls])
-        scores = torch.cat([self._scores(o, len(c)) for o, (c, _) in zip(outs, calls,
-                                                                          strict=True)])
-        return scores.to(x.device), len(calls)
+        return self._send([c for c, _ in calls],
+                          [functools.partial(dialect.infer, c, ctx) for c, ctx in calls],
+                          x.device)
 
     def adopt_vocabulary(self, names: Any) -> None:
         """Give a prompt's recorded class names their slots (names APIs only)."""
@@ -328,20 +319,32 @@ class HttpOracle(Oracle):
         return torch.from_numpy(scores)
 
     def _query(self, x: torch.Tensor) -> tuple[torch.Tensor, int]:
+        chunks = self._chunks(x)
+        return self._send(chunks, [functools.partial(self._infer_chunk, c) for c in chunks],
+                          x.device)
+
+    def _chunks(self, x: torch.Tensor) -> list[np.ndarray]:
+        """``x`` on the wire (FP32 or uint8), in chunks of at most ``max_batch`` images."""
         if self.wire.kind == "fp32":
             arr = x.detach().cpu().to(torch.float32).numpy()
         else:
             arr = to_uint8(x)
-        chunks = [arr[i : i + self.max_batch] for i in range(0, len(arr), self.max_batch)]
-        if self.max_requests is not None and self.requests_used + len(chunks) > self.max_requests:
+        return [arr[i : i + self.max_batch] for i in range(0, len(arr), self.max_batch)]
+
+    def _send(self, chunks: list[np.ndarray], requests: list[Callable[[], Answer]],
+              device: torch.device) -> tuple[torch.Tensor, int]:
+        """Run ``requests`` (``chunks[i]`` is what the i-th asks about), at most
+        ``max_in_flight`` at a time, within the request cap; their scores in order."""
+        if self.max_requests is not None and (
+                self.requests_used + len(requests) > self.max_requests):
             raise BudgetExhausted(f"request cap {self.max_requests} would be exceeded: "
-                                  f"{self.requests_used} used, {len(chunks)} more needed")
-        if self._pool is not None and len(chunks) > 1:
-            outs = list(self._pool.map(self._infer_chunk, chunks))
+                                  f"{self.requests_used} used, {len(requests)} more needed")
+        if self._pool is not None and len(requests) > 1:
+            outs = list(self._pool.map(lambda request: request(), requests))
         else:
-            outs = [self._infer_chunk(c) for c in chunks]
+            outs = [request() for request in requests]
         scores = torch.cat([self._scores(o, len(c)) for o, c in zip(outs, chunks, strict=True)])
-        return scores.to(x.device), len(chunks)
+        return scores.to(device), len(requests)
 
     def _infer_chunk(self, images: np.ndarray) -> Answer:
         """One request for one chunk of at most ``max_batch`` images."""

@@ -258,7 +258,6 @@ class ModelRunner:
         """:meth:`infer` over a query's candidate labels (a zero-shot model only)."""
         assert self._scorer is not None
         scorer = self._scorer
-        check_images(images, self.input_size, self._max_images)
         features = scorer.features(query)
         return self._run(images, lambda chunk: scorer.logits(chunk, features))
 

@@ -114,14 +114,11 @@ class V2(Dialect):
                    *(str(d).upper() for d in (image.get("parameters") or {}).get(
                        "also_accepts") or []),
                    *(str(d).upper() for d in params.get("input_datatypes") or [])} - {""}
-        labels_input = next((str(t.get("name")) for t in (meta.get("inputs") or [])[1:]
-                             if isinstance(t, dict) and str(t.get("datatype", "")).upper()
-                             == "BYTES" and t.get("name") == "labels"), None)
+        labels = _extra_input(meta, "labels", "BYTES")
+        labels_input = "labels" if labels is not None else None
         raw_zs = params.get("zero_shot")
         zero_shot: dict[str, Any] = raw_zs if isinstance(raw_zs, dict) else {}
-        context = next((t for t in (meta.get("inputs") or [])[1:] if isinstance(t, dict)
-                        and t.get("name") == "context" and str(t.get("datatype", "")).upper()
-                        == "FP32"), None)
+        context = _extra_input(meta, "context", "FP32")
         width = (context.get("shape") or [None])[-1] if labels_input and context else None
         identity = {"name": str(meta.get("name", self.model)),
                     "versions": meta.get("versions"), "platform": meta.get("platform") or None,
@@ -216,6 +213,14 @@ class V2(Dialect):
             raise UpstreamError(f"expected output {self.output_name!r} in the response, got "
                                 f"{sorted(arrays)}")
         return arrays[self.output_name]
+
+
+def _extra_input(meta: dict[str, Any], name: str, datatype: str) -> dict[str, Any] | None:
+    """The metadata of input ``name`` of ``datatype`` after the image (a zero-shot model's
+    ``labels`` or ``context``), or None."""
+    return next((t for t in (meta.get("inputs") or [])[1:] if isinstance(t, dict)
+                 and t.get("name") == name and str(t.get("datatype", "")).upper() == datatype),
+                None)
 
 
 def _maybe_binary(exc: Exception) -> bool:
